@@ -1,0 +1,249 @@
+//! `dit sample`: the reference `sample.py` as a command.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+use dit::checkpoint;
+use dit::diffusion::Sampler;
+use dit::model::GuidedChannels;
+use dit::pipeline::{sample_latents, SampleOptions};
+use dit::rng::NoiseRng;
+use dit::{DiT, DiTConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// The paper's sample classes (sample.py): golden retriever, otter, red panda, geyser, macaw,
+/// valley, balloon, arctic fox.
+const PAPER_LABELS: [usize; 8] = [207, 360, 387, 974, 88, 979, 417, 279];
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SamplerArg {
+    Ddpm,
+    Ddim,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum CfgChannels {
+    /// Guide the first 3 eps channels, as the reference (reproduces its samples).
+    Reference,
+    /// Guide every eps channel (the standard form).
+    All,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+}
+
+impl DTypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// Named config (DiT-S/2 … DiT-XL/8); inferred from the checkpoint when omitted.
+    #[arg(long)]
+    model: Option<String>,
+    /// Checkpoint: a released DiT .pt, a train.py checkpoint (EMA weights) or .safetensors.
+    #[arg(long)]
+    ckpt: Option<PathBuf>,
+    /// VAE: a diffusers folder or file, `ema` / `mse` (stabilityai/sd-vae-ft-*), or a hub repo id.
+    #[arg(long, default_value = "ema")]
+    vae: String,
+    /// Image size in pixels (latent size x 8). Inferred from the checkpoint when omitted.
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    num_classes: Option<usize>,
+    /// Class labels, comma-separated. Default: the paper's 8 classes (1000-class models) or
+    /// every class.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<usize>,
+    #[arg(long, default_value_t = 4.0)]
+    cfg_scale: f64,
+    #[arg(long, value_enum, default_value = "reference")]
+    cfg_channels: CfgChannels,
+    #[arg(long, alias = "num-sampling-steps", default_value_t = 250)]
+    steps: usize,
+    #[arg(long, value_enum, default_value = "ddpm")]
+    sampler: SamplerArg,
+    /// DDIM eta (0: deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Samples per forward batch (guidance doubles it).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// PNG grid of all samples.
+    #[arg(long, default_value = "sample.png")]
+    out: PathBuf,
+    /// Also write one PNG per sample into this folder.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Start from this float32 (N, C, H, W) .npy instead of drawing noise.
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// Write the final latents, float32 (N, C, H, W), to this .npy.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    /// Skip the VAE (no images are written unless the model works in pixel space).
+    #[arg(long)]
+    no_decode: bool,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+}
+
+/// The embedded default until a trained model ships: an untrained DiT in pixel space
+/// (32x32 RGB, 10 classes), weights drawn from a fixed seed. Its samples are noise-like.
+fn embedded_default(dtype: DType, device: &Device) -> Result<DiT> {
+    let cfg = DiTConfig {
+        input_size: 32,
+        patch_size: 4,
+        in_channels: 3,
+        hidden_size: 128,
+        depth: 4,
+        num_heads: 4,
+        mlp_ratio: 4.0,
+        num_classes: 10,
+        learn_sigma: true,
+    };
+    let mut rng = NoiseRng::new(0);
+    let mut tensors = checkpoint::Tensors::new();
+    for (name, shape) in checkpoint::expected_shapes(&cfg) {
+        if name == "pos_embed" {
+            continue;
+        }
+        let fan_in = if shape.len() > 1 { shape[1..].iter().product::<usize>() } else { 1 };
+        let t = rng.randn_like(&Tensor::zeros(shape, DType::F32, &Device::Cpu)?)?;
+        tensors.insert(name, (t * (0.5 / (fan_in as f64).sqrt()))?);
+    }
+    Ok(checkpoint::build_model(&cfg, tensors, dtype, device)?)
+}
+
+fn load_model(a: &SampleArgs, dtype: DType, device: &Device) -> Result<DiT> {
+    let latent = a.image_size.map(dit::config::latent_size).transpose()?;
+    let Some(ckpt) = &a.ckpt else {
+        if a.model.is_some() {
+            bail!("--model needs --ckpt (weights to load)");
+        }
+        eprintln!("note: no --ckpt given: sampling the embedded default, an UNTRAINED random-weight pixel-space DiT (10 classes, 32x32); expect noise-like images");
+        return embedded_default(dtype, device);
+    };
+    let tensors = checkpoint::read_tensors(ckpt)?;
+    let mut cfg = match &a.model {
+        Some(name) => DiTConfig::named(name, a.image_size.unwrap_or(256))?,
+        None => checkpoint::infer_config(&tensors, latent)?,
+    };
+    if let Some(k) = a.num_classes {
+        cfg.num_classes = k;
+    } else if a.model.is_some() {
+        cfg.num_classes = 1000;
+    }
+    cfg.validate()?;
+    checkpoint::build_model(&cfg, tensors, dtype, device)
+        .with_context(|| format!("checkpoint {} does not fit the model config", ckpt.display()))
+}
+
+pub fn run(a: SampleArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let dtype = a.dtype.dtype();
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if a.steps == 0 || a.steps > 1000 {
+        bail!("--steps must be in 1..=1000, got {}", a.steps);
+    }
+    let model = load_model(&a, dtype, &device)?;
+    let cfg = model.config.clone();
+    let labels: Vec<usize> = if !a.labels.is_empty() {
+        a.labels.clone()
+    } else if cfg.num_classes == 1000 {
+        PAPER_LABELS.to_vec()
+    } else {
+        (0..cfg.num_classes.min(64)).collect()
+    };
+    dit::pipeline::check_labels(&model, &labels)?;
+    let n = labels.len();
+    let mut rng = NoiseRng::new(a.seed);
+    let shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size);
+    let noise = match &a.noise {
+        Some(p) => {
+            let t = Tensor::read_npy(p).with_context(|| format!("cannot read noise {}", p.display()))?;
+            let t = t.to_dtype(DType::F32)?;
+            dit::pipeline::check_noise(&model, &t, n)
+                .with_context(|| format!("noise {} does not fit {n} labels", p.display()))?;
+            t
+        }
+        None => rng.randn_like(&Tensor::zeros(shape, DType::F32, &device)?)?,
+    };
+    let opts = SampleOptions {
+        steps: a.steps,
+        sampler: match a.sampler {
+            SamplerArg::Ddpm => Sampler::Ddpm,
+            SamplerArg::Ddim => Sampler::Ddim { eta: a.eta },
+        },
+        cfg_scale: a.cfg_scale,
+        cfg_channels: match a.cfg_channels {
+            CfgChannels::Reference => GuidedChannels::Reference,
+            CfgChannels::All => GuidedChannels::All,
+        },
+    };
+    let batches = n.div_ceil(a.batch_size);
+    let bar = ProgressBar::new((batches * a.steps) as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} steps {elapsed_precise} eta {eta}")?,
+    );
+    bar.set_message(format!("sampling {n} images"));
+    let mut latents = Vec::with_capacity(batches);
+    for (b, start) in (0..n).step_by(a.batch_size).enumerate() {
+        let len = a.batch_size.min(n - start);
+        let z = noise.narrow(0, start, len)?;
+        let done = b * a.steps;
+        let x = sample_latents(&model, &labels[start..start + len], z, &opts, &mut rng, |s| {
+            bar.set_position((done + s) as u64)
+        })?;
+        latents.push(x.to_dtype(DType::F32)?);
+    }
+    bar.finish();
+    let latents = Tensor::cat(&latents, 0)?;
+    if let Some(p) = &a.save_latents {
+        latents.write_npy(p).with_context(|| format!("cannot write {}", p.display()))?;
+        println!("wrote latents {:?} to {}", latents.dims(), p.display());
+    }
+    let pixel_space = cfg.in_channels != 4;
+    let images = if pixel_space {
+        latents.clamp(-1f32, 1f32)?
+    } else if a.no_decode {
+        return Ok(());
+    } else {
+        let weights = dit::vae::resolve_weights(&a.vae)?;
+        let vae = dit::vae::Vae::load(&weights, dit::vae::sd_vae_config(), dtype, &device)?;
+        let bar = ProgressBar::new(n as u64).with_message("decoding");
+        let imgs = (0..n)
+            .map(|i| {
+                let img = vae.decode(&latents.narrow(0, i, 1)?.to_dtype(dtype)?);
+                bar.inc(1);
+                img
+            })
+            .collect::<dit::Result<Vec<_>>>()?;
+        bar.finish_and_clear();
+        Tensor::cat(&imgs, 0)?
+    };
+    let rgb = dit::image_io::to_rgb_images(&images)?;
+    dit::image_io::save_png(&dit::image_io::make_grid(&rgb, 4, 2), &a.out)?;
+    println!("wrote {} ({} samples)", a.out.display(), n);
+    if let Some(dir) = &a.out_dir {
+        for (i, img) in rgb.iter().enumerate() {
+            dit::image_io::save_png(img, &dir.join(format!("{i:06}.png")))?;
+        }
+        println!("wrote {n} images to {}", dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! Checkpoints: the released DiT `.pt` files (a bare state dict), reference train.py checkpoints
+//! (a dict whose `ema` entry is used) and `.safetensors`; config inference and validation against
+//! the tensors; atomic saving.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::DiTConfig;
+use crate::model::DiT;
+use crate::{Error, Result};
+
+pub type Tensors = HashMap<String, Tensor>;
+
+fn ckpt_err(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Checkpoint(format!("cannot read checkpoint {}: {what}", path.display()))
+}
+
+/// Reads every tensor of a checkpoint onto the CPU. `.safetensors` by extension; anything else is
+/// read as a PyTorch zip pickle, taking the `ema` entry of a train.py checkpoint when present.
+pub fn read_tensors(path: &Path) -> Result<Tensors> {
+    if !path.is_file() {
+        return Err(Error::Checkpoint(format!("checkpoint {} does not exist", path.display())));
+    }
+    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+    let tensors: Vec<(String, Tensor)> = if is_safetensors {
+        candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| ckpt_err(path, e))?
+            .into_iter()
+            .collect()
+    } else {
+        match candle_core::pickle::read_all_with_key(path, Some("ema")) {
+            Ok(t) => t,
+            // A bare state dict has no `ema` key.
+            Err(e) if e.to_string().contains("key ema not found") => {
+                candle_core::pickle::read_all_with_key(path, None).map_err(|e| ckpt_err(path, e))?
+            }
+            Err(e) => return Err(ckpt_err(path, e)),
+        }
+    };
+    if tensors.is_empty() {
+        return Err(ckpt_err(path, "it holds no tensors (is it a DiT state dict?)"));
+    }
+    Ok(tensors.into_iter().collect())
+}
+
+fn dims<'a>(t: &'a Tensors, name: &str) -> Result<&'a [usize]> {
+    t.get(name)
+        .map(|t| t.dims())
+        .ok_or_else(|| Error::Checkpoint(format!("checkpoint lacks tensor {name}: is it a DiT checkpoint?")))
+}
+
+/// Infers the architecture from tensor shapes. The number of heads is not stored in a state
+/// dict: the paper's value for the width is used (override with an explicit config).
+/// `input_size` comes from `pos_embed` when stored, else from `latent_size`.
+pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig> {
+    let bad = |m: String| Err(Error::Checkpoint(m));
+    let xw = dims(t, "x_embedder.proj.weight")?;
+    let [hidden_size, in_channels, patch_size, _] = xw else {
+        return bad(format!("x_embedder.proj.weight has shape {xw:?}, expected 4 dimensions"));
+    };
+    let (hidden_size, in_channels, patch_size) = (*hidden_size, *in_channels, *patch_size);
+    let rows = dims(t, "y_embedder.embedding_table.weight")?[0];
+    let depth = t
+        .keys()
+        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |d| d + 1);
+    let fc1 = dims(t, "blocks.0.mlp.fc1.weight")?[0];
+    let out = dims(t, "final_layer.linear.weight")?[0] / (patch_size * patch_size);
+    let input_size = match t.get("pos_embed") {
+        Some(p) => ((p.dims().get(1).copied().unwrap_or(0) as f64).sqrt().round() as usize) * patch_size,
+        None => latent_size.ok_or_else(|| {
+            Error::Checkpoint("checkpoint has no pos_embed: give the image size".into())
+        })?,
+    };
+    let cfg = DiTConfig {
+        input_size: latent_size.unwrap_or(input_size),
+        patch_size,
+        in_channels,
+        hidden_size,
+        depth,
+        num_heads: DiTConfig::default_heads(hidden_size),
+        mlp_ratio: fc1 as f64 / hidden_size as f64,
+        num_classes: rows.saturating_sub(1),
+        learn_sigma: out == 2 * in_channels,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Every tensor a model of `cfg` has, with its shape, in checkpoint naming.
+pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, p, m) = (cfg.hidden_size, cfg.patch_size, cfg.mlp_hidden());
+    let mut v: Vec<(String, Vec<usize>)> = vec![
+        ("x_embedder.proj.weight".into(), vec![d, cfg.in_channels, p, p]),
+        ("x_embedder.proj.bias".into(), vec![d]),
+        ("pos_embed".into(), vec![1, cfg.num_patches(), d]),
+        ("t_embedder.mlp.0.weight".into(), vec![d, 256]),
+        ("t_embedder.mlp.0.bias".into(), vec![d]),
+        ("t_embedder.mlp.2.weight".into(), vec![d, d]),
+        ("t_embedder.mlp.2.bias".into(), vec![d]),
+        ("y_embedder.embedding_table.weight".into(), vec![cfg.num_classes + 1, d]),
+    ];
+    let linear = |v: &mut Vec<(String, Vec<usize>)>, name: String, out: usize, inp: usize| {
+        v.push((format!("{name}.weight"), vec![out, inp]));
+        v.push((format!("{name}.bias"), vec![out]));
+    };
+    for i in 0..cfg.depth {
+        let b = format!("blocks.{i}");
+        linear(&mut v, format!("{b}.attn.qkv"), 3 * d, d);
+        linear(&mut v, format!("{b}.attn.proj"), d, d);
+        linear(&mut v, format!("{b}.mlp.fc1"), m, d);
+        linear(&mut v, format!("{b}.mlp.fc2"), d, m);
+        linear(&mut v, format!("{b}.adaLN_modulation.1"), 6 * d, d);
+    }
+    linear(&mut v, "final_layer.adaLN_modulation.1".into(), 2 * d, d);
+    linear(&mut v, "final_layer.linear".into(), p * p * cfg.out_channels(), d);
+    v
+}
+
+/// Checks that the tensors are exactly those of `cfg` (`pos_embed` may be absent: it is computed).
+/// The error names the first offending tensor and both shapes.
+pub fn validate(cfg: &DiTConfig, t: &Tensors) -> Result<()> {
+    let expected = expected_shapes(cfg);
+    for (name, shape) in &expected {
+        match t.get(name) {
+            Some(x) if x.dims() != shape.as_slice() => {
+                return Err(Error::Checkpoint(format!(
+                    "tensor {name} has shape {:?} in the checkpoint but the model config expects {shape:?}{}",
+                    x.dims(),
+                    if name == "pos_embed" { " (check --image-size)" } else { "" }
+                )))
+            }
+            None if name != "pos_embed" => {
+                return Err(Error::Checkpoint(format!(
+                    "checkpoint lacks tensor {name} (expected shape {shape:?}); is the depth right?"
+                )))
+            }
+            _ => {}
+        }
+    }
+    let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut extra: Vec<&String> = t.keys().filter(|k| !known.contains(k.as_str())).collect();
+    extra.sort();
+    if let Some(first) = extra.first() {
+        return Err(Error::Checkpoint(format!(
+            "checkpoint has {} tensor(s) the model config does not, first {first} with shape {:?}",
+            extra.len(),
+            t[*first].dims()
+        )));
+    }
+    Ok(())
+}
+
+/// Total number of parameters of a config (the learned ones: `pos_embed` is fixed).
+pub fn parameter_count(cfg: &DiTConfig) -> usize {
+    expected_shapes(cfg)
+        .iter()
+        .filter(|(n, _)| n != "pos_embed")
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
+/// Builds a DiT from checkpoint tensors, validating them against `cfg`.
+pub fn build_model(cfg: &DiTConfig, tensors: Tensors, dtype: DType, device: &Device) -> Result<DiT> {
+    validate(cfg, &tensors)?;
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    Ok(DiT::new(cfg, vb)?)
+}
+
+/// Loads a checkpoint. With `config` None the architecture is inferred from the tensors.
+pub fn load_dit(
+    path: &Path,
+    config: Option<&DiTConfig>,
+    latent_size: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<DiT> {
+    let tensors = read_tensors(path)?;
+    let cfg = match config {
+        Some(c) => c.clone(),
+        None => infer_config(&tensors, latent_size)?,
+    };
+    build_model(&cfg, tensors, dtype, device)
+}
+
+/// Writes tensors as safetensors atomically: a temporary file beside the target, then a rename,
+/// so a crash never leaves a half-written checkpoint under the final name.
+pub fn save_safetensors_atomic(tensors: &Tensors, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.display().to_string(), source })
+}

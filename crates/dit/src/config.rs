@@ -1,0 +1,163 @@
+//! Model configurations: the paper's twelve named DiTs and custom ones.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Everything needed to build a [`crate::model::DiT`]. One source of truth: parameter counts and
+/// Gflops are computed from it, checkpoints are validated against it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiTConfig {
+    /// Side of the (square) latent or pixel input, in pixels of that space (32 for 256 px images).
+    pub input_size: usize,
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub hidden_size: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub mlp_ratio: f64,
+    /// Real classes; the label table has one more row, the "null" class used for guidance.
+    pub num_classes: usize,
+    /// Output eps and the variance interpolation v (2x the input channels) instead of eps only.
+    pub learn_sigma: bool,
+}
+
+/// (name, depth, hidden, heads) of the paper's model sizes (Table 1).
+const SIZES: [(&str, usize, usize, usize); 4] = [
+    ("S", 12, 384, 6),
+    ("B", 12, 768, 12),
+    ("L", 24, 1024, 16),
+    ("XL", 28, 1152, 16),
+];
+
+impl DiTConfig {
+    /// The twelve names of the paper, `DiT-S/2` … `DiT-XL/8`.
+    pub fn names() -> Vec<String> {
+        SIZES
+            .iter()
+            .flat_map(|(s, ..)| [2, 4, 8].map(|p| format!("DiT-{s}/{p}")))
+            .collect()
+    }
+
+    /// A named config (`DiT-XL/2`, also `DiT-XL-2`) for ImageNet latents of `image_size` pixels.
+    pub fn named(name: &str, image_size: usize) -> Result<Self> {
+        let unknown = || Error::Config(format!("unknown model '{name}'; known: {}", Self::names().join(", ")));
+        let rest = name.strip_prefix("DiT-").ok_or_else(unknown)?;
+        let (size, patch) = rest.split_once(['/', '-']).ok_or_else(unknown)?;
+        let patch: usize = patch.parse().map_err(|_| unknown())?;
+        let &(_, depth, hidden_size, num_heads) =
+            SIZES.iter().find(|(s, ..)| *s == size).ok_or_else(unknown)?;
+        if ![2, 4, 8].contains(&patch) {
+            return Err(unknown());
+        }
+        let cfg = Self {
+            input_size: latent_size(image_size)?,
+            patch_size: patch,
+            in_channels: 4,
+            hidden_size,
+            depth,
+            num_heads,
+            mlp_ratio: 4.0,
+            num_classes: 1000,
+            learn_sigma: true,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The default number of heads for a width: the paper's where the width is one of its sizes,
+    /// otherwise 64-wide heads.
+    pub fn default_heads(hidden_size: usize) -> usize {
+        SIZES
+            .iter()
+            .find(|(_, _, h, _)| *h == hidden_size)
+            .map(|(.., heads)| *heads)
+            .unwrap_or((hidden_size / 64).max(1))
+    }
+
+    pub fn out_channels(&self) -> usize {
+        if self.learn_sigma {
+            2 * self.in_channels
+        } else {
+            self.in_channels
+        }
+    }
+
+    pub fn mlp_hidden(&self) -> usize {
+        (self.hidden_size as f64 * self.mlp_ratio) as usize
+    }
+
+    /// Tokens per side of the patch grid.
+    pub fn grid_size(&self) -> usize {
+        self.input_size / self.patch_size
+    }
+
+    pub fn num_patches(&self) -> usize {
+        self.grid_size() * self.grid_size()
+    }
+
+    /// Checks the invariants the model relies on; every error says what to change.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.patch_size == 0 || self.input_size % self.patch_size != 0 {
+            return bad(format!(
+                "input size {} is not divisible by the patch size {}",
+                self.input_size, self.patch_size
+            ));
+        }
+        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+            return bad(format!(
+                "hidden size {} is not divisible by the number of heads {}",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        if self.hidden_size % 4 != 0 {
+            return bad(format!(
+                "hidden size {} must be divisible by 4 for the 2-D sin-cos positions",
+                self.hidden_size
+            ));
+        }
+        if self.depth == 0 || self.in_channels == 0 || self.num_classes == 0 {
+            return bad("depth, in-channels and number of classes must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Latent side for an image side: the SD VAE downsamples by 8.
+pub fn latent_size(image_size: usize) -> Result<usize> {
+    if image_size == 0 || image_size % 8 != 0 {
+        return Err(Error::Config(format!(
+            "image size {image_size} is not divisible by 8 (the VAE's downsampling factor)"
+        )));
+    }
+    Ok(image_size / 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twelve_named_configs_parse_with_the_papers_sizes() {
+        let names = DiTConfig::names();
+        assert_eq!(names.len(), 12);
+        for n in &names {
+            DiTConfig::named(n, 256).unwrap();
+        }
+        let xl = DiTConfig::named("DiT-XL/2", 256).unwrap();
+        assert_eq!((xl.depth, xl.hidden_size, xl.num_heads, xl.patch_size), (28, 1152, 16, 2));
+        assert_eq!((xl.input_size, xl.num_patches(), xl.out_channels()), (32, 256, 8));
+        assert_eq!(DiTConfig::named("DiT-S-8", 512).unwrap().num_patches(), 64);
+    }
+
+    #[test]
+    fn bad_names_and_sizes_are_errors() {
+        assert!(DiTConfig::named("DiT-M/2", 256).is_err());
+        assert!(DiTConfig::named("DiT-S/3", 256).is_err());
+        assert!(DiTConfig::named("DiT-S/2", 250).is_err());
+        // 72 px -> 9x9 latent, not divisible by 2.
+        let err = DiTConfig::named("DiT-S/2", 72).unwrap_err().to_string();
+        assert!(err.contains("not divisible by the patch size"), "{err}");
+    }
+}

@@ -1,0 +1,184 @@
+//! Gaussian diffusion with a learned-range variance (Nichol & Dhariwal 2021, as DiT uses it).
+//!
+//! Symbols: beta_t the noise schedule, alpha_t = 1 - beta_t, abar_t = prod alpha_s (s <= t).
+//! Forward:  q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I).
+//! Posterior: q(x_{t-1} | x_t, x_0) = N(c1_t x_0 + c2_t x_t, beta~_t I) with
+//!   c1_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t), c2_t = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t),
+//!   beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
+//! The model predicts eps and v in [-1, 1]; log Sigma = frac log beta_t + (1 - frac) log beta~_t,
+//! frac = (v + 1) / 2.
+//!
+//! All coefficients are computed in f64 and applied per sample as (N, 1, 1, 1) tensors in the
+//! dtype of x, as the reference does.
+
+use candle_core::{Device, Result, Tensor};
+
+use super::schedule::{linear_betas, respace_betas, space_timesteps};
+
+#[derive(Debug, Clone)]
+pub struct GaussianDiffusion {
+    /// Original timestep index (what the model was trained with) of each respaced step.
+    pub timestep_map: Vec<usize>,
+    pub betas: Vec<f64>,
+    pub alphas_cumprod: Vec<f64>,
+    pub alphas_cumprod_prev: Vec<f64>,
+    sqrt_alphas_cumprod: Vec<f64>,
+    sqrt_one_minus_alphas_cumprod: Vec<f64>,
+    sqrt_recip_alphas_cumprod: Vec<f64>,
+    sqrt_recipm1_alphas_cumprod: Vec<f64>,
+    pub posterior_variance: Vec<f64>,
+    pub posterior_log_variance_clipped: Vec<f64>,
+    posterior_mean_coef1: Vec<f64>,
+    posterior_mean_coef2: Vec<f64>,
+}
+
+/// The model's p(x_{t-1} | x_t): mean, variance (and its log), and the implied x_0.
+#[derive(Debug, Clone)]
+pub struct MeanVariance {
+    pub mean: Tensor,
+    pub variance: Tensor,
+    pub log_variance: Tensor,
+    pub pred_xstart: Tensor,
+    pub eps: Tensor,
+}
+
+impl GaussianDiffusion {
+    /// DiT's diffusion: 1000 linear steps respaced by `spec` ("250", "ddim50", "" for all).
+    pub fn dit(spec: &str) -> crate::Result<Self> {
+        Self::respaced(&linear_betas(1000), spec)
+    }
+
+    pub fn respaced(base_betas: &[f64], spec: &str) -> crate::Result<Self> {
+        let n = base_betas.len();
+        let keep = if spec.is_empty() { (0..n).collect() } else { space_timesteps(n, spec)? };
+        Ok(Self::new(respace_betas(base_betas, &keep), keep))
+    }
+
+    pub fn new(betas: Vec<f64>, timestep_map: Vec<usize>) -> Self {
+        let mut acp = Vec::with_capacity(betas.len());
+        let mut prod = 1.0;
+        for b in &betas {
+            prod *= 1.0 - b;
+            acp.push(prod);
+        }
+        let acp_prev: Vec<f64> = std::iter::once(1.0).chain(acp[..acp.len() - 1].iter().copied()).collect();
+        let map = |f: &dyn Fn(usize) -> f64| (0..betas.len()).map(f).collect::<Vec<f64>>();
+        let posterior_variance = map(&|t| betas[t] * (1.0 - acp_prev[t]) / (1.0 - acp[t]));
+        // beta~_0 = 0: the log is clipped to beta~_1 at t = 0.
+        let pv1 = posterior_variance.get(1).copied().unwrap_or(posterior_variance[0]);
+        let posterior_log_variance_clipped =
+            map(&|t| if t == 0 { pv1.ln() } else { posterior_variance[t].ln() });
+        Self {
+            sqrt_alphas_cumprod: map(&|t| acp[t].sqrt()),
+            sqrt_one_minus_alphas_cumprod: map(&|t| (1.0 - acp[t]).sqrt()),
+            sqrt_recip_alphas_cumprod: map(&|t| (1.0 / acp[t]).sqrt()),
+            sqrt_recipm1_alphas_cumprod: map(&|t| (1.0 / acp[t] - 1.0).sqrt()),
+            posterior_mean_coef1: map(&|t| betas[t] * acp_prev[t].sqrt() / (1.0 - acp[t])),
+            posterior_mean_coef2: map(&|t| (1.0 - acp_prev[t]) * (1.0 - betas[t]).sqrt() / (1.0 - acp[t])),
+            posterior_variance,
+            posterior_log_variance_clipped,
+            alphas_cumprod: acp,
+            alphas_cumprod_prev: acp_prev,
+            timestep_map,
+            betas,
+        }
+    }
+
+    pub fn num_timesteps(&self) -> usize {
+        self.betas.len()
+    }
+
+    /// The original timesteps of respaced steps `ts`, as the f32 tensor the model takes.
+    pub fn model_timesteps(&self, ts: &[usize], device: &Device) -> Result<Tensor> {
+        let v: Vec<f32> = ts.iter().map(|&t| self.timestep_map[t] as f32).collect();
+        Tensor::from_vec(v, ts.len(), device)
+    }
+
+    /// arr[t] for each sample, shaped (N, 1, 1, 1) in `like`'s dtype.
+    fn extract(arr: &[f64], ts: &[usize], like: &Tensor) -> Result<Tensor> {
+        let v: Vec<f32> = ts.iter().map(|&t| arr[t] as f32).collect();
+        let mut shape = vec![ts.len()];
+        shape.resize(like.rank(), 1);
+        Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())
+    }
+
+    /// q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+    pub fn q_sample(&self, x0: &Tensor, ts: &[usize], noise: &Tensor) -> Result<Tensor> {
+        let a = Self::extract(&self.sqrt_alphas_cumprod, ts, x0)?;
+        let s = Self::extract(&self.sqrt_one_minus_alphas_cumprod, ts, x0)?;
+        x0.broadcast_mul(&a)? + noise.broadcast_mul(&s)?
+    }
+
+    /// Mean, variance and log variance of q(x_{t-1} | x_t, x_0).
+    pub fn q_posterior(&self, x0: &Tensor, xt: &Tensor, ts: &[usize]) -> Result<(Tensor, Tensor, Tensor)> {
+        let c1 = Self::extract(&self.posterior_mean_coef1, ts, xt)?;
+        let c2 = Self::extract(&self.posterior_mean_coef2, ts, xt)?;
+        let mean = (x0.broadcast_mul(&c1)? + xt.broadcast_mul(&c2)?)?;
+        let var = Self::extract(&self.posterior_variance, ts, xt)?.broadcast_as(xt.shape())?;
+        let log_var = Self::extract(&self.posterior_log_variance_clipped, ts, xt)?.broadcast_as(xt.shape())?;
+        Ok((mean, var, log_var))
+    }
+
+    /// x_0 = x_t / sqrt(abar_t) - sqrt(1 / abar_t - 1) eps.
+    pub fn predict_xstart_from_eps(&self, xt: &Tensor, ts: &[usize], eps: &Tensor) -> Result<Tensor> {
+        let a = Self::extract(&self.sqrt_recip_alphas_cumprod, ts, xt)?;
+        let b = Self::extract(&self.sqrt_recipm1_alphas_cumprod, ts, xt)?;
+        xt.broadcast_mul(&a)? - eps.broadcast_mul(&b)?
+    }
+
+    /// eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1).
+    pub fn predict_eps_from_xstart(&self, xt: &Tensor, ts: &[usize], x0: &Tensor) -> Result<Tensor> {
+        let a = Self::extract(&self.sqrt_recip_alphas_cumprod, ts, xt)?;
+        let b = Self::extract(&self.sqrt_recipm1_alphas_cumprod, ts, xt)?;
+        (xt.broadcast_mul(&a)? - x0)?.broadcast_div(&b)
+    }
+
+    /// p(x_{t-1} | x_t) from a model output (N, 2C, H, W) = [eps, v] (learned range) or
+    /// (N, C, H, W) = eps (fixed small variance beta~_t). x_0 is not clipped, as in DiT's sampler.
+    pub fn p_mean_variance(&self, model_out: &Tensor, xt: &Tensor, ts: &[usize]) -> Result<MeanVariance> {
+        let c = xt.dim(1)?;
+        let eps = model_out.narrow(1, 0, c)?;
+        let (variance, log_variance) = if model_out.dim(1)? == 2 * c {
+            let v = model_out.narrow(1, c, c)?;
+            let min_log = Self::extract(&self.posterior_log_variance_clipped, ts, xt)?;
+            let max_log = Self::extract(&self.betas.iter().map(|b| b.ln()).collect::<Vec<_>>(), ts, xt)?;
+            let frac = ((v + 1.0)? / 2.0)?;
+            // frac * max_log + (1 - frac) * min_log
+            let log_var = (frac.broadcast_mul(&max_log)? + (1.0 - &frac)?.broadcast_mul(&min_log)?)?;
+            (log_var.exp()?, log_var)
+        } else {
+            let (_, var, log_var) = self.q_posterior(xt, xt, ts)?;
+            (var, log_var)
+        };
+        let pred_xstart = self.predict_xstart_from_eps(xt, ts, &eps)?;
+        let (mean, _, _) = self.q_posterior(&pred_xstart, xt, ts)?;
+        Ok(MeanVariance { mean, variance, log_variance, pred_xstart, eps })
+    }
+
+    /// One ancestral (DDPM) step: x_{t-1} = mean + exp(log_var / 2) noise, no noise at t = 0.
+    pub fn p_sample(&self, model_out: &Tensor, xt: &Tensor, t: usize, noise: &Tensor) -> Result<Tensor> {
+        let ts = vec![t; xt.dim(0)?];
+        let out = self.p_mean_variance(model_out, xt, &ts)?;
+        if t == 0 {
+            return Ok(out.mean);
+        }
+        out.mean + ((out.log_variance * 0.5)?.exp()? * noise)?
+    }
+
+    /// One DDIM step (Song et al. 2020, eq. 12) with the given eta (0: deterministic):
+    /// x_{t-1} = x_0 sqrt(abar_{t-1}) + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma noise,
+    /// sigma = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1}).
+    pub fn ddim_sample(&self, model_out: &Tensor, xt: &Tensor, t: usize, eta: f64, noise: &Tensor) -> Result<Tensor> {
+        let ts = vec![t; xt.dim(0)?];
+        let out = self.p_mean_variance(model_out, xt, &ts)?;
+        // eps re-derived from x_0, as the reference does.
+        let eps = self.predict_eps_from_xstart(xt, &ts, &out.pred_xstart)?;
+        let (ab, abp) = (self.alphas_cumprod[t], self.alphas_cumprod_prev[t]);
+        let sigma = eta * ((1.0 - abp) / (1.0 - ab)).sqrt() * (1.0 - ab / abp).sqrt();
+        let mean = ((out.pred_xstart * abp.sqrt())? + (eps * (1.0 - abp - sigma * sigma).sqrt())?)?;
+        if t == 0 || sigma == 0.0 {
+            return Ok(mean);
+        }
+        mean + (noise * sigma)?
+    }
+}

@@ -1,0 +1,9 @@
+//! Diffusion maths: schedules and respacing, the Gaussian diffusion, and the samplers.
+
+pub mod gaussian;
+pub mod sampler;
+pub mod schedule;
+
+pub use gaussian::{GaussianDiffusion, MeanVariance};
+pub use sampler::{sample_loop, Sampler};
+pub use schedule::{linear_betas, respace_betas, space_timesteps};

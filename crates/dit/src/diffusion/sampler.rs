@@ -1,0 +1,49 @@
+//! Sampling loops: ancestral DDPM and DDIM over a respaced [`GaussianDiffusion`].
+
+use candle_core::{Result, Tensor};
+
+use super::gaussian::GaussianDiffusion;
+use crate::rng::NoiseRng;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampler {
+    /// Ancestral sampling with the model's learned variance (the reference's default).
+    Ddpm,
+    /// DDIM with the given eta (0: deterministic).
+    Ddim { eta: f64 },
+}
+
+/// Runs the reverse chain from `x_T` to `x_0`. `model` maps (x_t, original timesteps as an (N,)
+/// f32 tensor) to the model output; conditioning and guidance live inside it. `on_step` is called
+/// after each step (for progress bars).
+pub fn sample_loop<M>(
+    diffusion: &GaussianDiffusion,
+    mut model: M,
+    x_t: Tensor,
+    sampler: Sampler,
+    rng: &mut NoiseRng,
+    mut on_step: impl FnMut(usize),
+) -> Result<Tensor>
+where
+    M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+{
+    let n = x_t.dim(0)?;
+    let mut x = x_t;
+    for (done, t) in (0..diffusion.num_timesteps()).rev().enumerate() {
+        let ts = diffusion.model_timesteps(&vec![t; n], x.device())?;
+        let out = model(&x, &ts)?;
+        x = match sampler {
+            Sampler::Ddpm => {
+                let noise = rng.randn_like(&x)?;
+                diffusion.p_sample(&out, &x, t, &noise)?
+            }
+            Sampler::Ddim { eta } => {
+                // Draw only when the step is stochastic, so eta = 0 consumes no randomness.
+                let noise = if eta > 0.0 { rng.randn_like(&x)? } else { x.zeros_like()? };
+                diffusion.ddim_sample(&out, &x, t, eta, &noise)?
+            }
+        };
+        on_step(done + 1);
+    }
+    Ok(x)
+}

@@ -1,0 +1,38 @@
+//! dit: Diffusion Transformers (Peebles & Xie, "Scalable Diffusion Models with Transformers",
+//! 2022) in Rust on candle.
+//!
+//! - [`config`]: the paper's named configs and custom ones.
+//! - [`model`]: the network, tensor names as the reference checkpoints.
+//! - [`diffusion`]: schedules, respacing, the Gaussian diffusion and the DDPM / DDIM samplers.
+//! - [`checkpoint`]: loading `.pt` (bare or train.py) and `.safetensors`, validation, saving.
+//! - [`vae`]: Stable Diffusion's VAE through candle-transformers.
+//! - [`pipeline`]: class-conditional sampling end to end.
+
+pub mod checkpoint;
+pub mod config;
+pub mod diffusion;
+pub mod image_io;
+pub mod model;
+pub mod pipeline;
+pub mod rng;
+pub mod vae;
+
+pub use config::DiTConfig;
+pub use model::DiT;
+
+/// Errors of the library. Each message names the file, tensor or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Checkpoint(String),
+    #[error("{0}")]
+    Input(String),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,152 @@
+//! The DiT block with adaLN-Zero (Figure 3 of the paper) and the final adaLN layer.
+//!
+//! The conditioning vector c = t_emb + y_emb regresses, through SiLU + Linear, a shift, a scale
+//! and a gate for each of the two residual branches. The gates are zero-initialised, so every
+//! block starts as the identity.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+/// LayerNorm without learned affine parameters (eps 1e-6); the adaLN modulation replaces them.
+#[derive(Debug, Clone)]
+pub struct LayerNormNoAffine {
+    ones: Tensor,
+    zeros: Tensor,
+}
+
+impl LayerNormNoAffine {
+    pub fn new(dim: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            ones: Tensor::ones(dim, dtype, device)?,
+            zeros: Tensor::zeros(dim, dtype, device)?,
+        })
+    }
+}
+
+impl Module for LayerNormNoAffine {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(x, &self.ones, &self.zeros, 1e-6)
+    }
+}
+
+/// modulate(x, shift, scale) = x * (1 + scale) + shift, with (N, D) shift/scale over (N, T, D).
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// SiLU then Linear from c to `n` chunks of `hidden` (`adaLN_modulation.1`).
+fn ada_ln_chunks(linear: &Linear, c: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    linear.forward(&c.silu()?)?.chunk(n, D::Minus1)
+}
+
+/// Multi-head self-attention with a fused qkv projection (`attn.qkv`, `attn.proj`).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+}
+
+impl Attention {
+    pub fn new(hidden: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            qkv: candle_nn::linear(hidden, 3 * hidden, vb.pp("qkv"))?,
+            proj: candle_nn::linear(hidden, hidden, vb.pp("proj"))?,
+            num_heads,
+        })
+    }
+}
+
+impl Module for Attention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, t, d) = x.dims3()?;
+        let head_dim = d / self.num_heads;
+        // (N, T, 3, H, hd) -> (3, N, H, T, hd)
+        let qkv = self.qkv.forward(x)?.reshape((n, t, 3, self.num_heads, head_dim))?;
+        let qkv = qkv.permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)? * (head_dim as f64).powf(-0.5))?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// The pointwise MLP: fc1, GELU (tanh approximation), fc2.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    pub fn new(hidden: usize, mlp_hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: candle_nn::linear(hidden, mlp_hidden, vb.pp("fc1"))?,
+            fc2: candle_nn::linear(mlp_hidden, hidden, vb.pp("fc2"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation, as timm's `GELU(approximate="tanh")`.
+        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+    }
+}
+
+/// One DiT block with adaLN-Zero conditioning.
+#[derive(Debug, Clone)]
+pub struct DiTBlock {
+    norm: LayerNormNoAffine,
+    attn: Attention,
+    mlp: Mlp,
+    ada_ln: Linear,
+}
+
+impl DiTBlock {
+    pub fn new(hidden: usize, num_heads: usize, mlp_hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm: LayerNormNoAffine::new(hidden, vb.dtype(), vb.device())?,
+            attn: Attention::new(hidden, num_heads, vb.pp("attn"))?,
+            mlp: Mlp::new(hidden, mlp_hidden, vb.pp("mlp"))?,
+            ada_ln: candle_nn::linear(hidden, 6 * hidden, vb.pp("adaLN_modulation.1"))?,
+        })
+    }
+
+    /// x: (N, T, D) tokens, c: (N, D) conditioning.
+    pub fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let m = ada_ln_chunks(&self.ada_ln, c, 6)?;
+        let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
+        let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
+
+        let h = self.attn.forward(&modulate(&self.norm.forward(x)?, shift_msa, scale_msa)?)?;
+        let x = (x + h.broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
+        let h = self.mlp.forward(&modulate(&self.norm.forward(&x)?, shift_mlp, scale_mlp)?)?;
+        x + h.broadcast_mul(&gate_mlp.unsqueeze(1)?)?
+    }
+}
+
+/// The final layer: adaLN (shift, scale; no gate), then a linear to p*p*out_channels per token.
+#[derive(Debug, Clone)]
+pub struct FinalLayer {
+    norm: LayerNormNoAffine,
+    ada_ln: Linear,
+    linear: Linear,
+}
+
+impl FinalLayer {
+    pub fn new(hidden: usize, patch: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm: LayerNormNoAffine::new(hidden, vb.dtype(), vb.device())?,
+            ada_ln: candle_nn::linear(hidden, 2 * hidden, vb.pp("adaLN_modulation.1"))?,
+            linear: candle_nn::linear(hidden, patch * patch * out_channels, vb.pp("linear"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let m = ada_ln_chunks(&self.ada_ln, c, 2)?;
+        self.linear.forward(&modulate(&self.norm.forward(x)?, &m[0], &m[1])?)
+    }
+}

@@ -1,0 +1,111 @@
+//! The Diffusion Transformer: patchify, add positions, condition on timestep + class through
+//! adaLN-Zero blocks, final adaLN layer, unpatchify.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::block::{DiTBlock, FinalLayer};
+use super::embed::{sincos_2d, LabelEmbedder, PatchEmbed, TimestepEmbedder};
+use crate::config::DiTConfig;
+
+/// Which output channels classifier-free guidance mixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuidedChannels {
+    /// The reference's choice: only the first 3 eps channels are guided (kept "for exact
+    /// reproducibility" of the released samples); the 4th follows the conditional prediction.
+    #[default]
+    Reference,
+    /// The standard form: every eps channel is guided.
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiT {
+    pub config: DiTConfig,
+    x_embedder: PatchEmbed,
+    t_embedder: TimestepEmbedder,
+    y_embedder: LabelEmbedder,
+    pos_embed: Tensor,
+    blocks: Vec<DiTBlock>,
+    final_layer: FinalLayer,
+}
+
+impl DiT {
+    /// Builds the model from `vb`, whose tensor names are those of the reference checkpoints.
+    /// `pos_embed` is computed, not read: it is a fixed function of the grid.
+    pub fn new(config: &DiTConfig, vb: VarBuilder) -> Result<Self> {
+        let c = config;
+        let x_embedder = PatchEmbed::new(c.in_channels, c.hidden_size, c.patch_size, vb.pp("x_embedder"))?;
+        let t_embedder = TimestepEmbedder::new(c.hidden_size, vb.pp("t_embedder"))?;
+        let y_embedder = LabelEmbedder::new(c.num_classes, c.hidden_size, vb.pp("y_embedder"))?;
+        let g = c.grid_size();
+        let pos_embed = sincos_2d(c.hidden_size, g, g, vb.device(), vb.dtype())?;
+        let blocks = (0..c.depth)
+            .map(|i| DiTBlock::new(c.hidden_size, c.num_heads, c.mlp_hidden(), vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer = FinalLayer::new(c.hidden_size, c.patch_size, c.out_channels(), vb.pp("final_layer"))?;
+        Ok(Self { config: config.clone(), x_embedder, t_embedder, y_embedder, pos_embed, blocks, final_layer })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.pos_embed.dtype()
+    }
+
+    pub fn null_class(&self) -> usize {
+        self.y_embedder.null_class()
+    }
+
+    /// x: (N, C, H, W) latents, t: (N,) timesteps (original 0..1000 indices), y: (N,) u32 labels
+    /// (the null class allowed). Returns (N, out_channels, H, W).
+    pub fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let x = self.x_embedder.forward(&x.to_dtype(self.dtype())?)?.broadcast_add(&self.pos_embed)?;
+        let c = (self.t_embedder.forward(t)? + self.y_embedder.forward(y)?)?;
+        let mut x = x;
+        for block in &self.blocks {
+            x = block.forward(&x, &c)?;
+        }
+        let x = self.final_layer.forward(&x, &c)?;
+        self.unpatchify(&x, h / self.config.patch_size, w / self.config.patch_size)
+    }
+
+    /// Classifier-free guidance in one batched forward pass: the conditional and null-class
+    /// predictions of the same `x` are mixed as uncond + scale * (cond - uncond) on the guided
+    /// eps channels; the other channels (and the learned variance) come from the conditional half.
+    /// Returns N outputs for N inputs.
+    pub fn forward_with_cfg(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        y: &Tensor,
+        scale: f64,
+        channels: GuidedChannels,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let null = Tensor::full(self.null_class() as u32, n, y.device())?;
+        let out = self.forward(
+            &Tensor::cat(&[x, x], 0)?,
+            &Tensor::cat(&[t, t], 0)?,
+            &Tensor::cat(&[y, &null], 0)?,
+        )?;
+        let (cond, uncond) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
+        let c = self.config.in_channels;
+        let guided = match channels {
+            GuidedChannels::Reference => c.min(3),
+            GuidedChannels::All => c,
+        };
+        let (ce, ue) = (cond.narrow(1, 0, guided)?, uncond.narrow(1, 0, guided)?);
+        let eps = (&ue + ((&ce - &ue)? * scale)?)?;
+        let rest = cond.narrow(1, guided, cond.dim(1)? - guided)?;
+        Tensor::cat(&[eps, rest], 1)
+    }
+
+    /// (N, h*w, p*p*C) tokens -> (N, C, h*p, w*p) image.
+    fn unpatchify(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        let (p, c) = (self.config.patch_size, self.config.out_channels());
+        let n = x.dim(0)?;
+        x.reshape((n, h, w, p, p, c))?
+            .permute((0, 5, 1, 3, 2, 4))?
+            .reshape((n, c, h * p, w * p))
+    }
+}

@@ -1,0 +1,9 @@
+//! The DiT network (Peebles & Xie 2022), module by module as in the reference `models.py`.
+
+pub mod block;
+pub mod dit;
+pub mod embed;
+
+pub use block::{DiTBlock, FinalLayer};
+pub use dit::{DiT, GuidedChannels};
+pub use embed::{LabelEmbedder, PatchEmbed, TimestepEmbedder};

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Writes the small fixtures the Rust tests compare against (tests/fixtures/).
+
+An independent implementation: the DiT forward pass and the IDDPM diffusion written here in
+torch / numpy from the paper and the reference's documented behaviour, with the forward pass
+cross-checked against diffusers' DiTTransformer2DModel (a second, unrelated implementation), and
+the VAE decode from diffusers' AutoencoderKL. Every weight is random and non-zero (the reference
+zero-initialises adaLN and the final layer, which would hide bugs there).
+
+Run:  python3 -m venv .venv && .venv/bin/pip install torch numpy diffusers safetensors
+      .venv/bin/python tools/make_fixtures.py
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+torch.set_grad_enabled(False)
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
+
+
+# ---------------------------------------------------------------- model (torch, functional)
+def sincos_1d(dim, pos):
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim, g):
+    rows, cols = np.meshgrid(np.arange(g, dtype=np.float64), np.arange(g, dtype=np.float64), indexing="ij")
+    # first half encodes the column (w), second half the row (h); row-major tokens
+    return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1).astype(np.float32)
+
+
+def t_features(t, dim=256, max_period=10000):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def dit_forward(w, cfg, x, t, y):
+    D, p, H = cfg["hidden"], cfg["patch"], cfg["heads"]
+    N, C, Hh, Ww = x.shape
+    h = F.conv2d(x, w["x_embedder.proj.weight"], w["x_embedder.proj.bias"], stride=p)
+    h = h.flatten(2).transpose(1, 2) + w["pos_embed"]
+    te = F.linear(t_features(t), w["t_embedder.mlp.0.weight"], w["t_embedder.mlp.0.bias"])
+    te = F.linear(F.silu(te), w["t_embedder.mlp.2.weight"], w["t_embedder.mlp.2.bias"])
+    c = te + w["y_embedder.embedding_table.weight"][y]
+    ln = lambda z: F.layer_norm(z, (D,), eps=1e-6)
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}."
+        m = F.linear(F.silu(c), w[b + "adaLN_modulation.1.weight"], w[b + "adaLN_modulation.1.bias"]).chunk(6, dim=1)
+        a = modulate(ln(h), m[0], m[1])
+        qkv = F.linear(a, w[b + "attn.qkv.weight"], w[b + "attn.qkv.bias"]).reshape(N, -1, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(N, -1, D)
+        h = h + m[2].unsqueeze(1) * F.linear(o, w[b + "attn.proj.weight"], w[b + "attn.proj.bias"])
+        a = modulate(ln(h), m[3], m[4])
+        a = F.gelu(F.linear(a, w[b + "mlp.fc1.weight"], w[b + "mlp.fc1.bias"]), approximate="tanh")
+        h = h + m[5].unsqueeze(1) * F.linear(a, w[b + "mlp.fc2.weight"], w[b + "mlp.fc2.bias"])
+    m = F.linear(F.silu(c), w["final_layer.adaLN_modulation.1.weight"], w["final_layer.adaLN_modulation.1.bias"]).chunk(2, dim=1)
+    h = F.linear(modulate(ln(h), m[0], m[1]), w["final_layer.linear.weight"], w["final_layer.linear.bias"])
+    oc = cfg["out_channels"]
+    g = Hh // p
+    h = h.reshape(N, g, g, p, p, oc)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(N, oc, g * p, g * p)
+
+
+def dit_forward_cfg(w, cfg, x, t, y, scale, guided):
+    null = torch.full_like(y, cfg["classes"])
+    out = dit_forward(w, cfg, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+    cond, uncond = out.chunk(2)
+    eps = uncond[:, :guided] + scale * (cond[:, :guided] - uncond[:, :guided])
+    return torch.cat([eps, cond[:, guided:]], dim=1)
+
+
+def random_weights(cfg, gen):
+    D, p, C, M = cfg["hidden"], cfg["patch"], cfg["in_channels"], cfg["hidden"] * 4
+    shapes = {
+        "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+        "y_embedder.embedding_table.weight": (cfg["classes"] + 1, D),
+        "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,),
+        "final_layer.linear.weight": (p * p * cfg["out_channels"], D), "final_layer.linear.bias": (p * p * cfg["out_channels"],),
+    }
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}."
+        for name, (o, n) in {"attn.qkv": (3 * D, D), "attn.proj": (D, D), "mlp.fc1": (M, D), "mlp.fc2": (D, M), "adaLN_modulation.1": (6 * D, D)}.items():
+            shapes[b + name + ".weight"] = (o, n)
+            shapes[b + name + ".bias"] = (o,)
+    w = {}
+    for k, s in shapes.items():
+        fan_in = s[1] * (s[2] * s[3] if len(s) == 4 else 1) if len(s) > 1 else 1
+        std = 1.0 / math.sqrt(fan_in) if len(s) > 1 else 0.05
+        if "embedding_table" in k:
+            std = 0.5
+        w[k] = torch.randn(s, generator=gen) * std
+    g = cfg["latent"] // p
+    w["pos_embed"] = torch.from_numpy(sincos_2d(D, g)).unsqueeze(0)
+    return w
+
+
+# ---------------------------------------------------------------- cross-check with diffusers
+def check_against_diffusers(w, cfg, x, t, y, ours):
+    from diffusers import DiTTransformer2DModel
+
+    D = cfg["hidden"]
+    m = DiTTransformer2DModel(
+        num_attention_heads=cfg["heads"], attention_head_dim=D // cfg["heads"], in_channels=cfg["in_channels"],
+        out_channels=cfg["out_channels"], num_layers=cfg["depth"], sample_size=cfg["latent"], patch_size=cfg["patch"],
+        num_embeds_ada_norm=cfg["classes"],
+    ).eval()
+    sd = {"pos_embed.proj.weight": w["x_embedder.proj.weight"], "pos_embed.proj.bias": w["x_embedder.proj.bias"],
+          "proj_out_1.weight": w["final_layer.adaLN_modulation.1.weight"], "proj_out_1.bias": w["final_layer.adaLN_modulation.1.bias"],
+          "proj_out_2.weight": w["final_layer.linear.weight"], "proj_out_2.bias": w["final_layer.linear.bias"]}
+    for i in range(cfg["depth"]):
+        b, d = f"blocks.{i}.", f"transformer_blocks.{i}."
+        e = d + "norm1.emb."
+        sd[e + "timestep_embedder.linear_1.weight"] = w["t_embedder.mlp.0.weight"]
+        sd[e + "timestep_embedder.linear_1.bias"] = w["t_embedder.mlp.0.bias"]
+        sd[e + "timestep_embedder.linear_2.weight"] = w["t_embedder.mlp.2.weight"]
+        sd[e + "timestep_embedder.linear_2.bias"] = w["t_embedder.mlp.2.bias"]
+        sd[e + "class_embedder.embedding_table.weight"] = w["y_embedder.embedding_table.weight"]
+        sd[d + "norm1.linear.weight"] = w[b + "adaLN_modulation.1.weight"]
+        sd[d + "norm1.linear.bias"] = w[b + "adaLN_modulation.1.bias"]
+        for n, (qw, qb) in zip("qkv", zip(w[b + "attn.qkv.weight"].chunk(3), w[b + "attn.qkv.bias"].chunk(3))):
+            sd[d + f"attn1.to_{n}.weight"], sd[d + f"attn1.to_{n}.bias"] = qw, qb
+        sd[d + "attn1.to_out.0.weight"], sd[d + "attn1.to_out.0.bias"] = w[b + "attn.proj.weight"], w[b + "attn.proj.bias"]
+        sd[d + "ff.net.0.proj.weight"], sd[d + "ff.net.0.proj.bias"] = w[b + "mlp.fc1.weight"], w[b + "mlp.fc1.bias"]
+        sd[d + "ff.net.2.weight"], sd[d + "ff.net.2.bias"] = w[b + "mlp.fc2.weight"], w[b + "mlp.fc2.bias"]
+    # diffusers' DiT embeds timesteps with frequencies exp(-ln(10000) i / (half - 1)); the DiT
+    # reference divides by half. Align that one constant, so the rest is compared exactly.
+    for blk in m.transformer_blocks:
+        blk.norm1.emb.time_proj.downscale_freq_shift = 0
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    assert all("pos_embed.pos_embed" in k for k in missing), missing
+    theirs = m(x, timestep=t, class_labels=y).sample
+    rel = ((theirs - ours).norm() / ours.norm()).item()
+    print(f"  diffusers DiTTransformer2DModel vs ours: rel L2 {rel:.2e}")
+    assert rel < 1e-5, rel
+
+
+# ---------------------------------------------------------------- diffusion (numpy f64, IDDPM)
+def space_timesteps(num, count):
+    stride = (num - 1) / (count - 1) if count > 1 else 1
+    return sorted({round(i * stride) for i in range(count)})
+
+
+class Diffusion:
+    def __init__(self, steps):
+        base = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+        acp_base = np.cumprod(1 - base)
+        self.map = space_timesteps(1000, steps)
+        last, betas = 1.0, []
+        for i in self.map:
+            betas.append(1 - acp_base[i] / last)
+            last = acp_base[i]
+        b = self.betas = np.array(betas)
+        acp = self.acp = np.cumprod(1 - b)
+        self.acp_prev = np.append(1.0, acp[:-1])
+        self.post_var = b * (1 - self.acp_prev) / (1 - acp)
+        self.post_logvar = np.log(np.append(self.post_var[1], self.post_var[1:]))
+        self.c1 = b * np.sqrt(self.acp_prev) / (1 - acp)
+        self.c2 = (1 - self.acp_prev) * np.sqrt(1 - b) / (1 - acp)
+
+    @staticmethod
+    def ex(arr, t, x):
+        return torch.full((x.shape[0], 1, 1, 1), float(arr[t]), dtype=torch.float32)
+
+    def p_mean_var(self, out, x, t):
+        C = x.shape[1]
+        eps, v = out[:, :C], out[:, C:]
+        frac = (v + 1) / 2
+        logvar = frac * self.ex(np.log(self.betas), t, x) + (1 - frac) * self.ex(self.post_logvar, t, x)
+        x0 = self.ex(np.sqrt(1 / self.acp), t, x) * x - self.ex(np.sqrt(1 / self.acp - 1), t, x) * eps
+        mean = self.ex(self.c1, t, x) * x0 + self.ex(self.c2, t, x) * x
+        return mean, logvar, x0
+
+    def ddim_step(self, out, x, t):
+        mean, logvar, x0 = self.p_mean_var(out, x, t)
+        eps = (self.ex(np.sqrt(1 / self.acp), t, x) * x - x0) / self.ex(np.sqrt(1 / self.acp - 1), t, x)
+        abp = self.ex(self.acp_prev, t, x)
+        return x0 * torch.sqrt(abp) + torch.sqrt(1 - abp) * eps
+
+
+def ddim_sample(w, cfg, noise, y, steps, scale):
+    d = Diffusion(steps)
+    x = noise.clone()
+    for i in reversed(range(len(d.map))):
+        t = torch.full((x.shape[0],), d.map[i], dtype=torch.float32)
+        out = dit_forward_cfg(w, cfg, x, t, y, scale, 3) if scale > 1 else dit_forward(w, cfg, x, t, y)
+        x = d.ddim_step(out, x, i)
+    return x
+
+
+# ---------------------------------------------------------------- fixtures
+def model_fixtures(name, cfg, layout, gen):
+    print(name, cfg)
+    w = random_weights(cfg, gen)
+    n, C, L = 3, cfg["in_channels"], cfg["latent"]
+    x = torch.randn(n, C, L, L, generator=gen)
+    t = torch.tensor([0.0, 417.0, 999.0])
+    y = torch.tensor([0, cfg["classes"] - 1, 1 % cfg["classes"]])
+    out = dit_forward(w, cfg, x, t, y)
+    check_against_diffusers(w, cfg, x, t, y, out)
+    f = {"x": x, "t": t, "y": y.to(torch.int64), "out": out,
+         "out_cfg4": dit_forward_cfg(w, cfg, x, t, y, 4.0, 3),
+         "out_cfg4_all": dit_forward_cfg(w, cfg, x, t, y, 4.0, C)}
+    noise = torch.randn(2, C, L, L, generator=gen)
+    ys = torch.tensor([1 % cfg["classes"], cfg["classes"] - 1])
+    f["noise"], f["labels"] = noise, ys.to(torch.int64)
+    for scale in (1.0, 4.0):
+        f[f"ddim{cfg['steps']}_cfg{int(scale)}"] = ddim_sample(w, cfg, noise, ys, cfg["steps"], scale)
+    # One DDPM step of the 250-step chain: mean and log variance at respaced step 100.
+    d = Diffusion(250)
+    tt = torch.full((n,), d.map[100], dtype=torch.float32)
+    mo = dit_forward(w, cfg, x, tt, y)
+    mean, logvar, x0 = d.p_mean_var(mo, x, 100)
+    f.update({"ddpm_out": mo, "ddpm_mean": mean, "ddpm_logvar": logvar, "ddpm_x0": x0})
+    save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, f"{name}.safetensors"))
+    sd = {k: v.clone() for k, v in w.items()}
+    path = os.path.join(OUT, f"{name}.pt")
+    if layout == "bare":
+        torch.save(sd, path)
+    else:
+        # train.py layout: the raw model differs from the EMA so a loader taking "model" fails.
+        raw = {k: v + 1.0 for k, v in sd.items()}
+        opt = {"state": {}, "param_groups": [{"lr": 1e-4, "params": list(range(len(sd)))}]}
+        torch.save({"model": raw, "ema": sd, "opt": opt, "args": argparse.Namespace(model="custom", image_size=cfg["latent"] * 8)}, path)
+
+
+def vae_fixture(gen):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=32, sample_size=32).eval()
+    for p in vae.parameters():  # non-trivial weights everywhere, including the norms' affine parts
+        p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(OUT, "tiny_vae.safetensors"))
+    z = torch.randn(2, 4, 8, 8, generator=gen)
+    img = vae.decode(z / 0.18215).sample
+    x = torch.rand(1, 3, 16, 16, generator=gen) * 2 - 1
+    mean = vae.encode(x).latent_dist.mean
+    save_file({k: v.contiguous() for k, v in {"latents": z, "decoded": img, "image": x, "encoded_mean": mean}.items()}, os.path.join(OUT, "tiny_vae_io.safetensors"))
+
+
+if __name__ == "__main__":
+    os.makedirs(OUT, exist_ok=True)
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(1234)
+    # A 1000-class model at 256 px (32x32 latents), bare state dict as the released checkpoints.
+    model_fixtures("dit_c1000_256", dict(depth=2, hidden=64, heads=4, patch=2, in_channels=4, out_channels=8,
+                                         classes=1000, latent=32, steps=10), "bare", gen)
+    # A 10-class model at 128 px (16x16 latents), train.py layout.
+    model_fixtures("dit_c10_128", dict(depth=3, hidden=96, heads=6, patch=4, in_channels=4, out_channels=8,
+                                       classes=10, latent=16, steps=25), "trainpy", gen)
+    vae_fixture(gen)
+    # Respacing of the reference sampler's 250 and 50 steps.
+    save_file({f"map{s}": torch.tensor(Diffusion(s).map, dtype=torch.int64) for s in (250, 50, 27)}
+              | {f"betas{s}": torch.tensor(Diffusion(s).betas) for s in (250, 50, 27)},
+              os.path.join(OUT, "respacing.safetensors"))
+    print("fixtures written to", os.path.abspath(OUT))
