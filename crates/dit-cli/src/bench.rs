@@ -12,7 +12,11 @@ use crate::sample::DTypeArg;
 #[derive(Args)]
 pub struct BenchArgs {
     /// Named configs to time.
-    #[arg(long, value_delimiter = ',', default_value = "DiT-S/2,DiT-B/2,DiT-XL/2")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "DiT-S/2,DiT-B/2,DiT-XL/2"
+    )]
     models: Vec<String>,
     #[arg(long, default_value_t = 256)]
     image_size: usize,
@@ -47,11 +51,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &dev);
         let model = DiT::new(&cfg, vb)?;
         let n = a.batch_size;
-        let x = Tensor::randn(0f32, 1.0, (n, 4, cfg.input_size, cfg.input_size), &dev)?.to_dtype(dtype)?;
-        let t = Tensor::from_vec((0..n).map(|i| (i * 97 % 1000) as f32).collect::<Vec<_>>(), n, &dev)?;
-        let y = Tensor::from_vec((0..n).map(|i| (i * 131 % 1000) as u32).collect::<Vec<_>>(), n, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (n, 4, cfg.input_size, cfg.input_size), &dev)?
+            .to_dtype(dtype)?;
+        let t = Tensor::from_vec(
+            (0..n).map(|i| (i * 97 % 1000) as f32).collect::<Vec<_>>(),
+            n,
+            &dev,
+        )?;
+        let y = Tensor::from_vec(
+            (0..n).map(|i| (i * 131 % 1000) as u32).collect::<Vec<_>>(),
+            n,
+            &dev,
+        )?;
         let s = time(a.iters, || {
-            model.forward(&x, &t, &y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+            model
+                .forward(&x, &t, &y)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
             Ok(())
         })?;
         println!("{{\"what\": \"forward\", \"model\": \"{name}\", \"batch\": {n}, \"dtype\": \"{dtype:?}\", \"seconds\": {s:.4}, \"images_per_s\": {:.3}}}", n as f64 / s);
@@ -59,11 +76,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.vae {
         let varmap = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &dev);
-        let vae = candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(vb, 3, 3, dit::vae::sd_vae_config())?;
+        let vae = candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(
+            vb,
+            3,
+            3,
+            dit::vae::sd_vae_config(),
+        )?;
         let l = a.image_size / 8;
         let z = Tensor::randn(0f32, 1.0, (1, 4, l, l), &dev)?.to_dtype(dtype)?;
         let s = time(a.iters.min(2), || {
-            vae.decode(&z)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+            vae.decode(&z)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
             Ok(())
         })?;
         println!("{{\"what\": \"vae_decode\", \"size\": {}, \"dtype\": \"{dtype:?}\", \"seconds\": {s:.4}, \"images_per_s\": {:.3}}}", a.image_size, 1.0 / s);

@@ -121,7 +121,11 @@ fn embedded_default(dtype: DType, device: &Device) -> Result<DiT> {
         if name == "pos_embed" {
             continue;
         }
-        let fan_in = if shape.len() > 1 { shape[1..].iter().product::<usize>() } else { 1 };
+        let fan_in = if shape.len() > 1 {
+            shape[1..].iter().product::<usize>()
+        } else {
+            1
+        };
         let t = rng.randn_like(&Tensor::zeros(shape, DType::F32, &Device::Cpu)?)?;
         tensors.insert(name, (t * (0.5 / (fan_in as f64).sqrt()))?);
     }
@@ -148,8 +152,12 @@ fn load_model(a: &SampleArgs, dtype: DType, device: &Device) -> Result<DiT> {
         cfg.num_classes = 1000;
     }
     cfg.validate()?;
-    checkpoint::build_model(&cfg, tensors, dtype, device)
-        .with_context(|| format!("checkpoint {} does not fit the model config", ckpt.display()))
+    checkpoint::build_model(&cfg, tensors, dtype, device).with_context(|| {
+        format!(
+            "checkpoint {} does not fit the model config",
+            ckpt.display()
+        )
+    })
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
@@ -176,7 +184,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size);
     let noise = match &a.noise {
         Some(p) => {
-            let t = Tensor::read_npy(p).with_context(|| format!("cannot read noise {}", p.display()))?;
+            let t = Tensor::read_npy(p)
+                .with_context(|| format!("cannot read noise {}", p.display()))?;
             let t = t.to_dtype(DType::F32)?;
             dit::pipeline::check_noise(&model, &t, n)
                 .with_context(|| format!("noise {} does not fit {n} labels", p.display()))?;
@@ -197,24 +206,32 @@ pub fn run(a: SampleArgs) -> Result<()> {
         },
     };
     let batches = n.div_ceil(a.batch_size);
-    let bar = ProgressBar::new((batches * a.steps) as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} steps {elapsed_precise} eta {eta}")?,
-    );
+    let bar =
+        ProgressBar::new((batches * a.steps) as u64).with_style(ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} steps {elapsed_precise} eta {eta}",
+        )?);
     bar.set_message(format!("sampling {n} images"));
     let mut latents = Vec::with_capacity(batches);
     for (b, start) in (0..n).step_by(a.batch_size).enumerate() {
         let len = a.batch_size.min(n - start);
         let z = noise.narrow(0, start, len)?;
         let done = b * a.steps;
-        let x = sample_latents(&model, &labels[start..start + len], z, &opts, &mut rng, |s| {
-            bar.set_position((done + s) as u64)
-        })?;
+        let x = sample_latents(
+            &model,
+            &labels[start..start + len],
+            z,
+            &opts,
+            &mut rng,
+            |s| bar.set_position((done + s) as u64),
+        )?;
         latents.push(x.to_dtype(DType::F32)?);
     }
     bar.finish();
     let latents = Tensor::cat(&latents, 0)?;
     if let Some(p) = &a.save_latents {
-        latents.write_npy(p).with_context(|| format!("cannot write {}", p.display()))?;
+        latents
+            .write_npy(p)
+            .with_context(|| format!("cannot write {}", p.display()))?;
         println!("wrote latents {:?} to {}", latents.dims(), p.display());
     }
     let pixel_space = cfg.in_channels != 4;

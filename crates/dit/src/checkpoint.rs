@@ -22,7 +22,10 @@ fn ckpt_err(path: &Path, what: impl std::fmt::Display) -> Error {
 /// read as a PyTorch zip pickle, taking the `ema` entry of a train.py checkpoint when present.
 pub fn read_tensors(path: &Path) -> Result<Tensors> {
     if !path.is_file() {
-        return Err(Error::Checkpoint(format!("checkpoint {} does not exist", path.display())));
+        return Err(Error::Checkpoint(format!(
+            "checkpoint {} does not exist",
+            path.display()
+        )));
     }
     let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
     let tensors: Vec<(String, Tensor)> = if is_safetensors {
@@ -41,15 +44,20 @@ pub fn read_tensors(path: &Path) -> Result<Tensors> {
         }
     };
     if tensors.is_empty() {
-        return Err(ckpt_err(path, "it holds no tensors (is it a DiT state dict?)"));
+        return Err(ckpt_err(
+            path,
+            "it holds no tensors (is it a DiT state dict?)",
+        ));
     }
     Ok(tensors.into_iter().collect())
 }
 
 fn dims<'a>(t: &'a Tensors, name: &str) -> Result<&'a [usize]> {
-    t.get(name)
-        .map(|t| t.dims())
-        .ok_or_else(|| Error::Checkpoint(format!("checkpoint lacks tensor {name}: is it a DiT checkpoint?")))
+    t.get(name).map(|t| t.dims()).ok_or_else(|| {
+        Error::Checkpoint(format!(
+            "checkpoint lacks tensor {name}: is it a DiT checkpoint?"
+        ))
+    })
 }
 
 /// Infers the architecture from tensor shapes. The number of heads is not stored in a state
@@ -59,19 +67,32 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
     let bad = |m: String| Err(Error::Checkpoint(m));
     let xw = dims(t, "x_embedder.proj.weight")?;
     let [hidden_size, in_channels, patch_size, _] = xw else {
-        return bad(format!("x_embedder.proj.weight has shape {xw:?}, expected 4 dimensions"));
+        return bad(format!(
+            "x_embedder.proj.weight has shape {xw:?}, expected 4 dimensions"
+        ));
     };
     let (hidden_size, in_channels, patch_size) = (*hidden_size, *in_channels, *patch_size);
     let rows = dims(t, "y_embedder.embedding_table.weight")?[0];
     let depth = t
         .keys()
-        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|k| {
+            k.strip_prefix("blocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .max()
         .map_or(0, |d| d + 1);
     let fc1 = dims(t, "blocks.0.mlp.fc1.weight")?[0];
     let out = dims(t, "final_layer.linear.weight")?[0] / (patch_size * patch_size);
     let input_size = match t.get("pos_embed") {
-        Some(p) => ((p.dims().get(1).copied().unwrap_or(0) as f64).sqrt().round() as usize) * patch_size,
+        Some(p) => {
+            ((p.dims().get(1).copied().unwrap_or(0) as f64)
+                .sqrt()
+                .round() as usize)
+                * patch_size
+        }
         None => latent_size.ok_or_else(|| {
             Error::Checkpoint("checkpoint has no pos_embed: give the image size".into())
         })?,
@@ -95,14 +116,20 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
 pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
     let (d, p, m) = (cfg.hidden_size, cfg.patch_size, cfg.mlp_hidden());
     let mut v: Vec<(String, Vec<usize>)> = vec![
-        ("x_embedder.proj.weight".into(), vec![d, cfg.in_channels, p, p]),
+        (
+            "x_embedder.proj.weight".into(),
+            vec![d, cfg.in_channels, p, p],
+        ),
         ("x_embedder.proj.bias".into(), vec![d]),
         ("pos_embed".into(), vec![1, cfg.num_patches(), d]),
         ("t_embedder.mlp.0.weight".into(), vec![d, 256]),
         ("t_embedder.mlp.0.bias".into(), vec![d]),
         ("t_embedder.mlp.2.weight".into(), vec![d, d]),
         ("t_embedder.mlp.2.bias".into(), vec![d]),
-        ("y_embedder.embedding_table.weight".into(), vec![cfg.num_classes + 1, d]),
+        (
+            "y_embedder.embedding_table.weight".into(),
+            vec![cfg.num_classes + 1, d],
+        ),
     ];
     let linear = |v: &mut Vec<(String, Vec<usize>)>, name: String, out: usize, inp: usize| {
         v.push((format!("{name}.weight"), vec![out, inp]));
@@ -117,7 +144,12 @@ pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
         linear(&mut v, format!("{b}.adaLN_modulation.1"), 6 * d, d);
     }
     linear(&mut v, "final_layer.adaLN_modulation.1".into(), 2 * d, d);
-    linear(&mut v, "final_layer.linear".into(), p * p * cfg.out_channels(), d);
+    linear(
+        &mut v,
+        "final_layer.linear".into(),
+        p * p * cfg.out_channels(),
+        d,
+    );
     v
 }
 
@@ -165,7 +197,12 @@ pub fn parameter_count(cfg: &DiTConfig) -> usize {
 }
 
 /// Builds a DiT from checkpoint tensors, validating them against `cfg`.
-pub fn build_model(cfg: &DiTConfig, tensors: Tensors, dtype: DType, device: &Device) -> Result<DiT> {
+pub fn build_model(
+    cfg: &DiTConfig,
+    tensors: Tensors,
+    dtype: DType,
+    device: &Device,
+) -> Result<DiT> {
     validate(cfg, &tensors)?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     Ok(DiT::new(cfg, vb)?)
@@ -192,5 +229,8 @@ pub fn load_dit(
 pub fn save_safetensors_atomic(tensors: &Tensors, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
     candle_core::safetensors::save(tensors, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.display().to_string(), source })
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }

@@ -41,12 +41,19 @@ impl DiTConfig {
 
     /// A named config (`DiT-XL/2`, also `DiT-XL-2`) for ImageNet latents of `image_size` pixels.
     pub fn named(name: &str, image_size: usize) -> Result<Self> {
-        let unknown = || Error::Config(format!("unknown model '{name}'; known: {}", Self::names().join(", ")));
+        let unknown = || {
+            Error::Config(format!(
+                "unknown model '{name}'; known: {}",
+                Self::names().join(", ")
+            ))
+        };
         let rest = name.strip_prefix("DiT-").ok_or_else(unknown)?;
         let (size, patch) = rest.split_once(['/', '-']).ok_or_else(unknown)?;
         let patch: usize = patch.parse().map_err(|_| unknown())?;
-        let &(_, depth, hidden_size, num_heads) =
-            SIZES.iter().find(|(s, ..)| *s == size).ok_or_else(unknown)?;
+        let &(_, depth, hidden_size, num_heads) = SIZES
+            .iter()
+            .find(|(s, ..)| *s == size)
+            .ok_or_else(unknown)?;
         if ![2, 4, 8].contains(&patch) {
             return Err(unknown());
         }
@@ -146,8 +153,14 @@ mod tests {
             DiTConfig::named(n, 256).unwrap();
         }
         let xl = DiTConfig::named("DiT-XL/2", 256).unwrap();
-        assert_eq!((xl.depth, xl.hidden_size, xl.num_heads, xl.patch_size), (28, 1152, 16, 2));
-        assert_eq!((xl.input_size, xl.num_patches(), xl.out_channels()), (32, 256, 8));
+        assert_eq!(
+            (xl.depth, xl.hidden_size, xl.num_heads, xl.patch_size),
+            (28, 1152, 16, 2)
+        );
+        assert_eq!(
+            (xl.input_size, xl.num_patches(), xl.out_channels()),
+            (32, 256, 8)
+        );
         assert_eq!(DiTConfig::named("DiT-S-8", 512).unwrap().num_patches(), 64);
     }
 

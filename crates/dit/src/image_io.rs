@@ -35,13 +35,21 @@ pub fn to_rgb_images(x: &Tensor) -> Result<Vec<RgbImage>> {
 /// Tiles images into rows of `nrow` with `padding` black pixels around each (torchvision's
 /// `make_grid` layout).
 pub fn make_grid(images: &[RgbImage], nrow: usize, padding: u32) -> RgbImage {
-    let Some(first) = images.first() else { return RgbImage::new(0, 0) };
+    let Some(first) = images.first() else {
+        return RgbImage::new(0, 0);
+    };
     let (w, h) = first.dimensions();
     let cols = nrow.min(images.len()).max(1);
     let rows = images.len().div_ceil(cols);
-    let mut grid = RgbImage::new(cols as u32 * (w + padding) + padding, rows as u32 * (h + padding) + padding);
+    let mut grid = RgbImage::new(
+        cols as u32 * (w + padding) + padding,
+        rows as u32 * (h + padding) + padding,
+    );
     for (i, img) in images.iter().enumerate() {
-        let (x0, y0) = ((i % cols) as u32 * (w + padding) + padding, (i / cols) as u32 * (h + padding) + padding);
+        let (x0, y0) = (
+            (i % cols) as u32 * (w + padding) + padding,
+            (i / cols) as u32 * (h + padding) + padding,
+        );
         image::imageops::replace(&mut grid, img, x0 as i64, y0 as i64);
     }
     grid
@@ -49,9 +57,13 @@ pub fn make_grid(images: &[RgbImage], nrow: usize, padding: u32) -> RgbImage {
 
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
     }
-    img.save(path).map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
+    img.save(path)
+        .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -62,7 +74,10 @@ mod tests {
     #[test]
     fn pixel_rounding_matches_torchvision() {
         // -1 -> 0, 1 -> 255, 0 -> floor(127.5 + 0.5) = 128, out of range clamps.
-        let x = Tensor::new(&[-1f32, 1.0, 0.0, 3.0], &Device::Cpu).unwrap().reshape((1, 1, 2, 2)).unwrap();
+        let x = Tensor::new(&[-1f32, 1.0, 0.0, 3.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 2, 2))
+            .unwrap();
         let img = &to_rgb_images(&x).unwrap()[0];
         let px: Vec<u8> = img.pixels().map(|p| p[0]).collect();
         assert_eq!(px, vec![0, 255, 128, 255]);

@@ -30,7 +30,10 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -20,7 +20,12 @@ pub struct SampleOptions {
 
 impl Default for SampleOptions {
     fn default() -> Self {
-        Self { steps: 250, sampler: Sampler::Ddpm, cfg_scale: 4.0, cfg_channels: GuidedChannels::Reference }
+        Self {
+            steps: 250,
+            sampler: Sampler::Ddpm,
+            cfg_scale: 4.0,
+            cfg_channels: GuidedChannels::Reference,
+        }
     }
 }
 
@@ -28,7 +33,10 @@ impl Default for SampleOptions {
 pub fn check_labels(model: &DiT, labels: &[usize]) -> Result<()> {
     let n = model.config.num_classes;
     match labels.iter().find(|&&l| l >= n) {
-        Some(l) => Err(Error::Input(format!("label {l} is out of range: the model has {n} classes (0..={})", n - 1))),
+        Some(l) => Err(Error::Input(format!(
+            "label {l} is out of range: the model has {n} classes (0..={})",
+            n - 1
+        ))),
         None => Ok(()),
     }
 }
@@ -59,7 +67,11 @@ pub fn sample_latents(
     check_labels(model, labels)?;
     check_noise(model, &noise, labels.len())?;
     let diffusion = GaussianDiffusion::dit(&opts.steps.to_string())?;
-    let y = Tensor::from_vec(labels.iter().map(|&l| l as u32).collect::<Vec<_>>(), labels.len(), noise.device())?;
+    let y = Tensor::from_vec(
+        labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
+        labels.len(),
+        noise.device(),
+    )?;
     let noise = noise.to_dtype(model.dtype())?;
     let guided = opts.cfg_scale > 1.0;
     let x0 = sample_loop(

@@ -11,7 +11,10 @@ use crate::{Error, Result};
 
 /// The scale that makes SD latents roughly unit variance.
 pub const LATENT_SCALE: f64 = 0.18215;
-const WEIGHTS: [&str; 2] = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"];
+const WEIGHTS: [&str; 2] = [
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+];
 
 /// The autoencoder of Stable Diffusion 1.x (the one DiT uses): 4 latent channels, factor 8.
 pub fn sd_vae_config() -> AutoEncoderKLConfig {
@@ -43,12 +46,19 @@ pub fn resolve_weights(source: &str) -> Result<PathBuf> {
                 return Ok(f);
             }
         }
-        return Err(Error::Input(format!("VAE folder {source} has no {}", WEIGHTS.join(" or "))));
+        return Err(Error::Input(format!(
+            "VAE folder {source} has no {}",
+            WEIGHTS.join(" or ")
+        )));
     }
     let repo = match source {
         "ema" | "mse" => format!("stabilityai/sd-vae-ft-{source}"),
         s if s.contains('/') && !s.starts_with('.') && !s.starts_with('/') => s.to_string(),
-        _ => return Err(Error::Input(format!("VAE {source} is neither a file, a folder nor a hub repo id"))),
+        _ => {
+            return Err(Error::Input(format!(
+                "VAE {source} is neither a file, a folder nor a hub repo id"
+            )))
+        }
     };
     let cache = hf_hub::Cache::from_env().model(repo.clone());
     if let Some(f) = cache.get(WEIGHTS[0]) {
@@ -56,17 +66,27 @@ pub fn resolve_weights(source: &str) -> Result<PathBuf> {
     }
     let api = hf_hub::api::sync::Api::new().map_err(|e| Error::Input(format!("hub: {e}")))?;
     api.model(repo.clone()).get(WEIGHTS[0]).map_err(|e| {
-        Error::Input(format!("VAE {repo} is not in the Hugging Face cache and could not be downloaded: {e}"))
+        Error::Input(format!(
+            "VAE {repo} is not in the Hugging Face cache and could not be downloaded: {e}"
+        ))
     })
 }
 
 impl Vae {
     /// Loads weights in diffusers naming from a `.safetensors` or PyTorch file.
-    pub fn load(weights: &Path, config: AutoEncoderKLConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let bad = |e: candle_core::Error| Error::Checkpoint(format!("cannot load VAE {}: {e}", weights.display()));
+    pub fn load(
+        weights: &Path,
+        config: AutoEncoderKLConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let bad = |e: candle_core::Error| {
+            Error::Checkpoint(format!("cannot load VAE {}: {e}", weights.display()))
+        };
         let vb = if weights.extension().is_some_and(|e| e == "safetensors") {
             // SAFETY: the file is memory-mapped read-only; safetensors validates its header.
-            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }.map_err(bad)?
+            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }
+                .map_err(bad)?
         } else {
             VarBuilder::from_pth(weights, dtype, device).map_err(bad)?
         };
@@ -76,11 +96,21 @@ impl Vae {
 
     /// Latents (N, 4, h, w), already multiplied by [`LATENT_SCALE`], to images (N, 3, 8h, 8w) in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.decode(&(latents / LATENT_SCALE)?)?)
+        per_item(latents, |z| self.inner.decode(&(z / LATENT_SCALE)?))
     }
 
     /// Images (N, 3, H, W) in [-1, 1] to a latent sample times [`LATENT_SCALE`].
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
-        Ok((self.inner.encode(images)?.sample()? * LATENT_SCALE)?)
+        per_item(images, |x| self.inner.encode(x)?.sample()? * LATENT_SCALE)
     }
+}
+
+/// Runs `f` on each item of the batch separately. candle 0.11.1's CPU `Linear` on a transposed
+/// (non-contiguous) input with batch > 1 returns wrong values, and the VAE's attention block
+/// feeds it exactly that; with batch 1 the result is exact (tests/parity.rs checks a batch of 2).
+fn per_item(x: &Tensor, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Tensor> {
+    let items = (0..x.dim(0)?)
+        .map(|i| f(&x.narrow(0, i, 1)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&items, 0)?)
 }

@@ -50,7 +50,11 @@ impl GaussianDiffusion {
 
     pub fn respaced(base_betas: &[f64], spec: &str) -> crate::Result<Self> {
         let n = base_betas.len();
-        let keep = if spec.is_empty() { (0..n).collect() } else { space_timesteps(n, spec)? };
+        let keep = if spec.is_empty() {
+            (0..n).collect()
+        } else {
+            space_timesteps(n, spec)?
+        };
         Ok(Self::new(respace_betas(base_betas, &keep), keep))
     }
 
@@ -61,20 +65,32 @@ impl GaussianDiffusion {
             prod *= 1.0 - b;
             acp.push(prod);
         }
-        let acp_prev: Vec<f64> = std::iter::once(1.0).chain(acp[..acp.len() - 1].iter().copied()).collect();
+        let acp_prev: Vec<f64> = std::iter::once(1.0)
+            .chain(acp[..acp.len() - 1].iter().copied())
+            .collect();
         let map = |f: &dyn Fn(usize) -> f64| (0..betas.len()).map(f).collect::<Vec<f64>>();
         let posterior_variance = map(&|t| betas[t] * (1.0 - acp_prev[t]) / (1.0 - acp[t]));
         // beta~_0 = 0: the log is clipped to beta~_1 at t = 0.
-        let pv1 = posterior_variance.get(1).copied().unwrap_or(posterior_variance[0]);
-        let posterior_log_variance_clipped =
-            map(&|t| if t == 0 { pv1.ln() } else { posterior_variance[t].ln() });
+        let pv1 = posterior_variance
+            .get(1)
+            .copied()
+            .unwrap_or(posterior_variance[0]);
+        let posterior_log_variance_clipped = map(&|t| {
+            if t == 0 {
+                pv1.ln()
+            } else {
+                posterior_variance[t].ln()
+            }
+        });
         Self {
             sqrt_alphas_cumprod: map(&|t| acp[t].sqrt()),
             sqrt_one_minus_alphas_cumprod: map(&|t| (1.0 - acp[t]).sqrt()),
             sqrt_recip_alphas_cumprod: map(&|t| (1.0 / acp[t]).sqrt()),
             sqrt_recipm1_alphas_cumprod: map(&|t| (1.0 / acp[t] - 1.0).sqrt()),
             posterior_mean_coef1: map(&|t| betas[t] * acp_prev[t].sqrt() / (1.0 - acp[t])),
-            posterior_mean_coef2: map(&|t| (1.0 - acp_prev[t]) * (1.0 - betas[t]).sqrt() / (1.0 - acp[t])),
+            posterior_mean_coef2: map(&|t| {
+                (1.0 - acp_prev[t]) * (1.0 - betas[t]).sqrt() / (1.0 - acp[t])
+            }),
             posterior_variance,
             posterior_log_variance_clipped,
             alphas_cumprod: acp,
@@ -110,24 +126,40 @@ impl GaussianDiffusion {
     }
 
     /// Mean, variance and log variance of q(x_{t-1} | x_t, x_0).
-    pub fn q_posterior(&self, x0: &Tensor, xt: &Tensor, ts: &[usize]) -> Result<(Tensor, Tensor, Tensor)> {
+    pub fn q_posterior(
+        &self,
+        x0: &Tensor,
+        xt: &Tensor,
+        ts: &[usize],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let c1 = Self::extract(&self.posterior_mean_coef1, ts, xt)?;
         let c2 = Self::extract(&self.posterior_mean_coef2, ts, xt)?;
         let mean = (x0.broadcast_mul(&c1)? + xt.broadcast_mul(&c2)?)?;
         let var = Self::extract(&self.posterior_variance, ts, xt)?.broadcast_as(xt.shape())?;
-        let log_var = Self::extract(&self.posterior_log_variance_clipped, ts, xt)?.broadcast_as(xt.shape())?;
+        let log_var = Self::extract(&self.posterior_log_variance_clipped, ts, xt)?
+            .broadcast_as(xt.shape())?;
         Ok((mean, var, log_var))
     }
 
     /// x_0 = x_t / sqrt(abar_t) - sqrt(1 / abar_t - 1) eps.
-    pub fn predict_xstart_from_eps(&self, xt: &Tensor, ts: &[usize], eps: &Tensor) -> Result<Tensor> {
+    pub fn predict_xstart_from_eps(
+        &self,
+        xt: &Tensor,
+        ts: &[usize],
+        eps: &Tensor,
+    ) -> Result<Tensor> {
         let a = Self::extract(&self.sqrt_recip_alphas_cumprod, ts, xt)?;
         let b = Self::extract(&self.sqrt_recipm1_alphas_cumprod, ts, xt)?;
         xt.broadcast_mul(&a)? - eps.broadcast_mul(&b)?
     }
 
     /// eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1).
-    pub fn predict_eps_from_xstart(&self, xt: &Tensor, ts: &[usize], x0: &Tensor) -> Result<Tensor> {
+    pub fn predict_eps_from_xstart(
+        &self,
+        xt: &Tensor,
+        ts: &[usize],
+        x0: &Tensor,
+    ) -> Result<Tensor> {
         let a = Self::extract(&self.sqrt_recip_alphas_cumprod, ts, xt)?;
         let b = Self::extract(&self.sqrt_recipm1_alphas_cumprod, ts, xt)?;
         (xt.broadcast_mul(&a)? - x0)?.broadcast_div(&b)
@@ -135,16 +167,26 @@ impl GaussianDiffusion {
 
     /// p(x_{t-1} | x_t) from a model output (N, 2C, H, W) = [eps, v] (learned range) or
     /// (N, C, H, W) = eps (fixed small variance beta~_t). x_0 is not clipped, as in DiT's sampler.
-    pub fn p_mean_variance(&self, model_out: &Tensor, xt: &Tensor, ts: &[usize]) -> Result<MeanVariance> {
+    pub fn p_mean_variance(
+        &self,
+        model_out: &Tensor,
+        xt: &Tensor,
+        ts: &[usize],
+    ) -> Result<MeanVariance> {
         let c = xt.dim(1)?;
         let eps = model_out.narrow(1, 0, c)?;
         let (variance, log_variance) = if model_out.dim(1)? == 2 * c {
             let v = model_out.narrow(1, c, c)?;
             let min_log = Self::extract(&self.posterior_log_variance_clipped, ts, xt)?;
-            let max_log = Self::extract(&self.betas.iter().map(|b| b.ln()).collect::<Vec<_>>(), ts, xt)?;
+            let max_log = Self::extract(
+                &self.betas.iter().map(|b| b.ln()).collect::<Vec<_>>(),
+                ts,
+                xt,
+            )?;
             let frac = ((v + 1.0)? / 2.0)?;
             // frac * max_log + (1 - frac) * min_log
-            let log_var = (frac.broadcast_mul(&max_log)? + (1.0 - &frac)?.broadcast_mul(&min_log)?)?;
+            let log_var =
+                (frac.broadcast_mul(&max_log)? + (1.0 - &frac)?.broadcast_mul(&min_log)?)?;
             (log_var.exp()?, log_var)
         } else {
             let (_, var, log_var) = self.q_posterior(xt, xt, ts)?;
@@ -152,11 +194,23 @@ impl GaussianDiffusion {
         };
         let pred_xstart = self.predict_xstart_from_eps(xt, ts, &eps)?;
         let (mean, _, _) = self.q_posterior(&pred_xstart, xt, ts)?;
-        Ok(MeanVariance { mean, variance, log_variance, pred_xstart, eps })
+        Ok(MeanVariance {
+            mean,
+            variance,
+            log_variance,
+            pred_xstart,
+            eps,
+        })
     }
 
     /// One ancestral (DDPM) step: x_{t-1} = mean + exp(log_var / 2) noise, no noise at t = 0.
-    pub fn p_sample(&self, model_out: &Tensor, xt: &Tensor, t: usize, noise: &Tensor) -> Result<Tensor> {
+    pub fn p_sample(
+        &self,
+        model_out: &Tensor,
+        xt: &Tensor,
+        t: usize,
+        noise: &Tensor,
+    ) -> Result<Tensor> {
         let ts = vec![t; xt.dim(0)?];
         let out = self.p_mean_variance(model_out, xt, &ts)?;
         if t == 0 {
@@ -168,7 +222,14 @@ impl GaussianDiffusion {
     /// One DDIM step (Song et al. 2020, eq. 12) with the given eta (0: deterministic):
     /// x_{t-1} = x_0 sqrt(abar_{t-1}) + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma noise,
     /// sigma = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1}).
-    pub fn ddim_sample(&self, model_out: &Tensor, xt: &Tensor, t: usize, eta: f64, noise: &Tensor) -> Result<Tensor> {
+    pub fn ddim_sample(
+        &self,
+        model_out: &Tensor,
+        xt: &Tensor,
+        t: usize,
+        eta: f64,
+        noise: &Tensor,
+    ) -> Result<Tensor> {
         let ts = vec![t; xt.dim(0)?];
         let out = self.p_mean_variance(model_out, xt, &ts)?;
         // eps re-derived from x_0, as the reference does.

@@ -39,7 +39,11 @@ where
             }
             Sampler::Ddim { eta } => {
                 // Draw only when the step is stochastic, so eta = 0 consumes no randomness.
-                let noise = if eta > 0.0 { rng.randn_like(&x)? } else { x.zeros_like()? };
+                let noise = if eta > 0.0 {
+                    rng.randn_like(&x)?
+                } else {
+                    x.zeros_like()?
+                };
                 diffusion.ddim_sample(&out, &x, t, eta, &noise)?
             }
         };

@@ -24,20 +24,28 @@ pub fn linear_betas(num_steps: usize) -> Vec<f64> {
 pub fn space_timesteps(num_steps: usize, spec: &str) -> Result<Vec<usize>> {
     let bad = |m: String| Err(Error::Config(m));
     if let Some(n) = spec.strip_prefix("ddim") {
-        let n: usize = n.parse().map_err(|_| Error::Config(format!("bad respacing '{spec}'")))?;
+        let n: usize = n
+            .parse()
+            .map_err(|_| Error::Config(format!("bad respacing '{spec}'")))?;
         for stride in 1..num_steps {
             let steps: Vec<usize> = (0..num_steps).step_by(stride).collect();
             if steps.len() == n {
                 return Ok(steps);
             }
         }
-        return bad(format!("cannot create exactly {n} steps with an integer stride"));
+        return bad(format!(
+            "cannot create exactly {n} steps with an integer stride"
+        ));
     }
     let counts = spec
         .split(',')
         .map(|s| s.trim().parse::<usize>())
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|_| Error::Config(format!("bad respacing '{spec}': expected counts like 250 or 10,15,20")))?;
+        .map_err(|_| {
+            Error::Config(format!(
+                "bad respacing '{spec}': expected counts like 250 or 10,15,20"
+            ))
+        })?;
     let sections = counts.len();
     let (size_per, extra) = (num_steps / sections, num_steps % sections);
     let mut start = 0;
@@ -45,9 +53,15 @@ pub fn space_timesteps(num_steps: usize, spec: &str) -> Result<Vec<usize>> {
     for (i, &count) in counts.iter().enumerate() {
         let size = size_per + usize::from(i < extra);
         if count == 0 || count > size {
-            return bad(format!("cannot take {count} steps from a section of {size} (of {num_steps} steps)"));
+            return bad(format!(
+                "cannot take {count} steps from a section of {size} (of {num_steps} steps)"
+            ));
         }
-        let stride = if count <= 1 { 1.0 } else { (size - 1) as f64 / (count - 1) as f64 };
+        let stride = if count <= 1 {
+            1.0
+        } else {
+            (size - 1) as f64 / (count - 1) as f64
+        };
         let mut cur = 0.0f64;
         for _ in 0..count {
             all.push(start + round_half_even(cur) as usize);
@@ -107,8 +121,14 @@ mod tests {
         assert_eq!(space_timesteps(10, "5").unwrap(), vec![0, 2, 4, 7, 9]);
         let s = space_timesteps(1000, "250").unwrap();
         assert_eq!((s.len(), s[0], s[1], s[249]), (250, 0, 4, 999));
-        assert_eq!(space_timesteps(1000, "1000").unwrap(), (0..1000).collect::<Vec<_>>());
-        assert_eq!(space_timesteps(100, "ddim10").unwrap(), (0..100).step_by(10).collect::<Vec<_>>());
+        assert_eq!(
+            space_timesteps(1000, "1000").unwrap(),
+            (0..1000).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            space_timesteps(100, "ddim10").unwrap(),
+            (0..100).step_by(10).collect::<Vec<_>>()
+        );
         // Sections: first half gets 2 steps, second 3.
         assert_eq!(space_timesteps(10, "2,3").unwrap(), vec![0, 4, 5, 7, 9]);
         assert!(space_timesteps(1000, "0").is_err());

@@ -31,7 +31,8 @@ impl Module for LayerNormNoAffine {
 
 /// modulate(x, shift, scale) = x * (1 + scale) + shift, with (N, D) shift/scale over (N, T, D).
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
+    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
 }
 
 /// SiLU then Linear from c to `n` chunks of `hidden` (`adaLN_modulation.1`).
@@ -62,7 +63,10 @@ impl Module for Attention {
         let (n, t, d) = x.dims3()?;
         let head_dim = d / self.num_heads;
         // (N, T, 3, H, hd) -> (3, N, H, T, hd)
-        let qkv = self.qkv.forward(x)?.reshape((n, t, 3, self.num_heads, head_dim))?;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((n, t, 3, self.num_heads, head_dim))?;
         let qkv = qkv.permute((2, 0, 3, 1, 4))?;
         let q = (qkv.get(0)? * (head_dim as f64).powf(-0.5))?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
@@ -121,9 +125,13 @@ impl DiTBlock {
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
 
-        let h = self.attn.forward(&modulate(&self.norm.forward(x)?, shift_msa, scale_msa)?)?;
+        let h = self
+            .attn
+            .forward(&modulate(&self.norm.forward(x)?, shift_msa, scale_msa)?)?;
         let x = (x + h.broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
-        let h = self.mlp.forward(&modulate(&self.norm.forward(&x)?, shift_mlp, scale_mlp)?)?;
+        let h = self
+            .mlp
+            .forward(&modulate(&self.norm.forward(&x)?, shift_mlp, scale_mlp)?)?;
         x + h.broadcast_mul(&gate_mlp.unsqueeze(1)?)?
     }
 }
@@ -147,6 +155,7 @@ impl FinalLayer {
 
     pub fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
         let m = ada_ln_chunks(&self.ada_ln, c, 2)?;
-        self.linear.forward(&modulate(&self.norm.forward(x)?, &m[0], &m[1])?)
+        self.linear
+            .forward(&modulate(&self.norm.forward(x)?, &m[0], &m[1])?)
     }
 }

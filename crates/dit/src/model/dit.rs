@@ -35,16 +35,41 @@ impl DiT {
     /// `pos_embed` is computed, not read: it is a fixed function of the grid.
     pub fn new(config: &DiTConfig, vb: VarBuilder) -> Result<Self> {
         let c = config;
-        let x_embedder = PatchEmbed::new(c.in_channels, c.hidden_size, c.patch_size, vb.pp("x_embedder"))?;
+        let x_embedder = PatchEmbed::new(
+            c.in_channels,
+            c.hidden_size,
+            c.patch_size,
+            vb.pp("x_embedder"),
+        )?;
         let t_embedder = TimestepEmbedder::new(c.hidden_size, vb.pp("t_embedder"))?;
         let y_embedder = LabelEmbedder::new(c.num_classes, c.hidden_size, vb.pp("y_embedder"))?;
         let g = c.grid_size();
         let pos_embed = sincos_2d(c.hidden_size, g, g, vb.device(), vb.dtype())?;
         let blocks = (0..c.depth)
-            .map(|i| DiTBlock::new(c.hidden_size, c.num_heads, c.mlp_hidden(), vb.pp(format!("blocks.{i}"))))
+            .map(|i| {
+                DiTBlock::new(
+                    c.hidden_size,
+                    c.num_heads,
+                    c.mlp_hidden(),
+                    vb.pp(format!("blocks.{i}")),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
-        let final_layer = FinalLayer::new(c.hidden_size, c.patch_size, c.out_channels(), vb.pp("final_layer"))?;
-        Ok(Self { config: config.clone(), x_embedder, t_embedder, y_embedder, pos_embed, blocks, final_layer })
+        let final_layer = FinalLayer::new(
+            c.hidden_size,
+            c.patch_size,
+            c.out_channels(),
+            vb.pp("final_layer"),
+        )?;
+        Ok(Self {
+            config: config.clone(),
+            x_embedder,
+            t_embedder,
+            y_embedder,
+            pos_embed,
+            blocks,
+            final_layer,
+        })
     }
 
     pub fn dtype(&self) -> DType {
@@ -59,7 +84,10 @@ impl DiT {
     /// (the null class allowed). Returns (N, out_channels, H, W).
     pub fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let x = self.x_embedder.forward(&x.to_dtype(self.dtype())?)?.broadcast_add(&self.pos_embed)?;
+        let x = self
+            .x_embedder
+            .forward(&x.to_dtype(self.dtype())?)?
+            .broadcast_add(&self.pos_embed)?;
         let c = (self.t_embedder.forward(t)? + self.y_embedder.forward(y)?)?;
         let mut x = x;
         for block in &self.blocks {

@@ -13,7 +13,10 @@ pub struct PatchEmbed {
 
 impl PatchEmbed {
     pub fn new(in_channels: usize, hidden: usize, patch: usize, vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig { stride: patch, ..Default::default() };
+        let cfg = Conv2dConfig {
+            stride: patch,
+            ..Default::default()
+        };
         let proj = candle_nn::conv2d(in_channels, hidden, patch, cfg, vb.pp("proj"))?;
         Ok(Self { proj })
     }
@@ -36,7 +39,10 @@ pub fn timestep_features(t: &Tensor, dim: usize, max_period: f64) -> Result<Tens
         .map(|i| ((-(max_period.ln() as f32) * i as f32) / half as f32).exp())
         .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
     let mut emb = Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?;
     if dim % 2 == 1 {
         emb = emb.pad_with_zeros(D::Minus1, 0, 1)?;
@@ -59,7 +65,11 @@ impl TimestepEmbedder {
         let vb = vb.pp("mlp");
         let fc1 = candle_nn::linear(Self::FREQUENCY_DIM, hidden, vb.pp("0"))?;
         let fc2 = candle_nn::linear(hidden, hidden, vb.pp("2"))?;
-        Ok(Self { fc1, fc2, frequency_dim: Self::FREQUENCY_DIM })
+        Ok(Self {
+            fc1,
+            fc2,
+            frequency_dim: Self::FREQUENCY_DIM,
+        })
     }
 
     /// `t`: (N,) timesteps of any dtype; returns (N, hidden) in the weights' dtype.
@@ -103,9 +113,13 @@ fn sincos_1d(dim: usize, positions: &[f64]) -> Vec<Vec<f64>> {
     positions
         .iter()
         .map(|&p| {
-            let args: Vec<f64> =
-                (0..half).map(|i| p / 10_000f64.powf(i as f64 / half as f64)).collect();
-            args.iter().map(|a| a.sin()).chain(args.iter().map(|a| a.cos())).collect()
+            let args: Vec<f64> = (0..half)
+                .map(|i| p / 10_000f64.powf(i as f64 / half as f64))
+                .collect();
+            args.iter()
+                .map(|a| a.sin())
+                .chain(args.iter().map(|a| a.cos()))
+                .collect()
         })
         .collect()
 }
@@ -147,7 +161,10 @@ mod tests {
     #[test]
     fn timestep_features_are_cos_then_sin() {
         let t = Tensor::new(&[0f32, 10.0], &Device::Cpu).unwrap();
-        let f = timestep_features(&t, 4, 10_000.0).unwrap().to_vec2::<f32>().unwrap();
+        let f = timestep_features(&t, 4, 10_000.0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(f[0], vec![1.0, 1.0, 0.0, 0.0]);
         // freqs = [1, 0.01]
         let e = [10f32.cos(), 0.1f32.cos(), 10f32.sin(), 0.1f32.sin()];
