@@ -62,6 +62,10 @@ pub struct SampleArgs {
     image_size: Option<usize>,
     #[arg(long)]
     num_classes: Option<usize>,
+    /// Attention heads; a state dict does not record them (default: the paper's for its widths,
+    /// otherwise 64-wide heads).
+    #[arg(long)]
+    num_heads: Option<usize>,
     /// Class labels, comma-separated. Default: the paper's 8 classes (1000-class models) or
     /// every class.
     #[arg(long, value_delimiter = ',')]
@@ -148,8 +152,9 @@ fn load_model(a: &SampleArgs, dtype: DType, device: &Device) -> Result<DiT> {
     };
     if let Some(k) = a.num_classes {
         cfg.num_classes = k;
-    } else if a.model.is_some() {
-        cfg.num_classes = 1000;
+    }
+    if let Some(h) = a.num_heads {
+        cfg.num_heads = h;
     }
     cfg.validate()?;
     checkpoint::build_model(&cfg, tensors, dtype, device).with_context(|| {
@@ -171,6 +176,18 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     let model = load_model(&a, dtype, &device)?;
     let cfg = model.config.clone();
+    // Load the VAE before sampling, so a missing one fails in seconds, not after the run.
+    let vae = if cfg.in_channels == 4 && !a.no_decode {
+        let weights = dit::vae::resolve_weights(&a.vae)?;
+        Some(dit::vae::Vae::load(
+            &weights,
+            dit::vae::sd_vae_config(),
+            dtype,
+            &device,
+        )?)
+    } else {
+        None
+    };
     let labels: Vec<usize> = if !a.labels.is_empty() {
         a.labels.clone()
     } else if cfg.num_classes == 1000 {
@@ -234,14 +251,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", p.display()))?;
         println!("wrote latents {:?} to {}", latents.dims(), p.display());
     }
-    let pixel_space = cfg.in_channels != 4;
-    let images = if pixel_space {
+    let images = if cfg.in_channels != 4 {
+        // A pixel-space model: its samples are the images.
         latents.clamp(-1f32, 1f32)?
-    } else if a.no_decode {
-        return Ok(());
-    } else {
-        let weights = dit::vae::resolve_weights(&a.vae)?;
-        let vae = dit::vae::Vae::load(&weights, dit::vae::sd_vae_config(), dtype, &device)?;
+    } else if let Some(vae) = vae {
         let bar = ProgressBar::new(n as u64).with_message("decoding");
         let imgs = (0..n)
             .map(|i| {
@@ -252,6 +265,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
             .collect::<dit::Result<Vec<_>>>()?;
         bar.finish_and_clear();
         Tensor::cat(&imgs, 0)?
+    } else {
+        return Ok(());
     };
     let rgb = dit::image_io::to_rgb_images(&images)?;
     dit::image_io::save_png(&dit::image_io::make_grid(&rgb, 4, 2), &a.out)?;

@@ -106,19 +106,19 @@ impl DiTConfig {
     /// Checks the invariants the model relies on; every error says what to change.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.patch_size == 0 || self.input_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.input_size.is_multiple_of(self.patch_size) {
             return bad(format!(
                 "input size {} is not divisible by the patch size {}",
                 self.input_size, self.patch_size
             ));
         }
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             return bad(format!(
                 "hidden size {} is not divisible by the number of heads {}",
                 self.hidden_size, self.num_heads
             ));
         }
-        if self.hidden_size % 4 != 0 {
+        if !self.hidden_size.is_multiple_of(4) {
             return bad(format!(
                 "hidden size {} must be divisible by 4 for the 2-D sin-cos positions",
                 self.hidden_size
@@ -133,7 +133,7 @@ impl DiTConfig {
 
 /// Latent side for an image side: the SD VAE downsamples by 8.
 pub fn latent_size(image_size: usize) -> Result<usize> {
-    if image_size == 0 || image_size % 8 != 0 {
+    if image_size == 0 || !image_size.is_multiple_of(8) {
         return Err(Error::Config(format!(
             "image size {image_size} is not divisible by 8 (the VAE's downsampling factor)"
         )));

@@ -1,0 +1,276 @@
+//! The `dit` command end to end: sampling parity through the CLI flags, reproducibility, and
+//! every kind of bad input giving one clear error line and a non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn dit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dit"))
+        .args(args)
+        .output()
+        .expect("run dit")
+}
+
+/// Asserts a clean failure: non-zero exit, no panic, one `error:` line containing `needle`.
+fn fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line: {err}");
+    assert!(
+        lines[0].contains(needle),
+        "error line lacks '{needle}': {}",
+        lines[0]
+    );
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    (d / b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap())
+    .sqrt()
+}
+
+#[test]
+fn ddim_through_the_cli_matches_the_reference_latents() {
+    let dir = tempfile::tempdir().unwrap();
+    let f =
+        candle_core::safetensors::load(fixture("dit_c10_128.safetensors"), &Device::Cpu).unwrap();
+    let noise = dir.path().join("noise.npy");
+    f["noise"].write_npy(&noise).unwrap();
+    let latents = dir.path().join("latents.npy");
+    let labels: Vec<String> = f["labels"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+    let out = dit(&[
+        "sample",
+        "--ckpt",
+        p(&fixture("dit_c10_128.pt")),
+        "--num-heads",
+        "6",
+        "--sampler",
+        "ddim",
+        "--num-sampling-steps",
+        "25",
+        "--cfg-scale",
+        "4",
+        "--labels",
+        &labels.join(","),
+        "--noise",
+        p(&noise),
+        "--save-latents",
+        p(&latents),
+        "--no-decode",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = Tensor::read_npy(&latents).unwrap();
+    let e = rel_l2(&got, &f["ddim25_cfg4"]);
+    assert!(e < 1e-4, "rel L2 {e}");
+}
+
+#[test]
+fn same_seed_same_samples_and_a_png_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |seed: &str, name: &str| {
+        let lat = dir.path().join(format!("{name}.npy"));
+        let png = dir.path().join(format!("{name}.png"));
+        let out = dit(&[
+            "sample",
+            "--steps",
+            "4",
+            "--seed",
+            seed,
+            "--labels",
+            "1,2,3",
+            "--save-latents",
+            p(&lat),
+            "--out",
+            p(&png),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let img = image::open(&png).unwrap();
+        // 3 images of 32 px in one row with 2 px padding.
+        assert_eq!((img.width(), img.height()), (3 * 34 + 2, 36));
+        Tensor::read_npy(&lat).unwrap()
+    };
+    let (a, b, c) = (run("7", "a"), run("7", "b"), run("8", "c"));
+    assert_eq!(a.dims(), [3, 3, 32, 32]);
+    assert_eq!(rel_l2(&a, &b), 0.0);
+    assert!(rel_l2(&a, &c) > 0.1);
+}
+
+#[test]
+fn missing_checkpoint() {
+    fails_with(
+        &dit(&["sample", "--ckpt", "/nonexistent/DiT-XL-2-256x256.pt"]),
+        "does not exist",
+    );
+}
+
+#[test]
+fn truncated_and_corrupt_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["dit_c1000_256.pt", "dit_c10_128.safetensors"] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        let ext = Path::new(name).extension().unwrap().to_str().unwrap();
+        let cut = dir.path().join(format!("cut.{ext}"));
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        fails_with(
+            &dit(&["sample", "--ckpt", p(&cut), "--no-decode"]),
+            "cannot read checkpoint",
+        );
+        let junk = dir.path().join(format!("junk.{ext}"));
+        std::fs::write(&junk, b"this is not a checkpoint at all").unwrap();
+        fails_with(
+            &dit(&["sample", "--ckpt", p(&junk), "--no-decode"]),
+            "cannot read checkpoint",
+        );
+    }
+}
+
+#[test]
+fn config_that_disagrees_names_the_tensor_and_both_shapes() {
+    let out = dit(&[
+        "sample",
+        "--model",
+        "DiT-S/2",
+        "--image-size",
+        "128",
+        "--num-classes",
+        "10",
+        "--ckpt",
+        p(&fixture("dit_c10_128.pt")),
+        "--no-decode",
+    ]);
+    fails_with(&out, "x_embedder.proj.weight has shape [96, 4, 4, 4] in the checkpoint but the model config expects [384, 4, 2, 2]");
+    let out = dit(&[
+        "sample",
+        "--ckpt",
+        p(&fixture("dit_c10_128.pt")),
+        "--num-classes",
+        "1000",
+        "--no-decode",
+    ]);
+    fails_with(&out, "y_embedder.embedding_table.weight has shape [11, 96]");
+    // Converting keeps every tensor; the converted file loads the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("c10.safetensors");
+    let out = dit(&["convert", p(&fixture("dit_c10_128.pt")), p(&st)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = dit(&[
+        "sample",
+        "--ckpt",
+        p(&st),
+        "--num-heads",
+        "5",
+        "--no-decode",
+    ]);
+    fails_with(
+        &out,
+        "hidden size 96 is not divisible by the number of heads 5",
+    );
+}
+
+#[test]
+fn wrong_noise_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let noise = dir.path().join("noise.npy");
+    Tensor::zeros((2, 4, 8, 8), candle_core::DType::F32, &Device::Cpu)
+        .unwrap()
+        .write_npy(&noise)
+        .unwrap();
+    let out = dit(&[
+        "sample",
+        "--ckpt",
+        p(&fixture("dit_c10_128.pt")),
+        "--labels",
+        "1,2",
+        "--noise",
+        p(&noise),
+        "--no-decode",
+    ]);
+    fails_with(
+        &out,
+        "noise has shape [2, 4, 8, 8] but 2 samples of this model need [2, 4, 16, 16]",
+    );
+}
+
+#[test]
+fn label_out_of_range() {
+    let out = dit(&[
+        "sample",
+        "--ckpt",
+        p(&fixture("dit_c10_128.pt")),
+        "--labels",
+        "3,10",
+        "--no-decode",
+    ]);
+    fails_with(&out, "label 10 is out of range: the model has 10 classes");
+}
+
+#[test]
+fn image_size_not_divisible() {
+    fails_with(
+        &dit(&[
+            "sample",
+            "--ckpt",
+            p(&fixture("dit_c10_128.pt")),
+            "--image-size",
+            "100",
+        ]),
+        "not divisible by 8",
+    );
+    fails_with(
+        &dit(&[
+            "sample",
+            "--ckpt",
+            p(&fixture("dit_c10_128.pt")),
+            "--image-size",
+            "136",
+        ]),
+        "not divisible by the patch size 4",
+    );
+}
