@@ -13,6 +13,7 @@ pub mod config;
 pub mod diffusion;
 pub mod image_io;
 pub mod model;
+pub mod ops;
 pub mod pipeline;
 pub mod rng;
 pub mod vae;

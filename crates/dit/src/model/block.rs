@@ -95,8 +95,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation, as timm's `GELU(approximate="tanh")`.
-        self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
+        self.fc2
+            .forward(&crate::ops::gelu_tanh(&self.fc1.forward(x)?)?)
     }
 }
 
