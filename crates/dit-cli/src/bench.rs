@@ -43,7 +43,7 @@ fn time<F: FnMut() -> Result<()>>(iters: usize, mut f: F) -> Result<f64> {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let dev = Device::Cpu;
-    let dtype = a.dtype.dtype();
+    let dtype = a.dtype.dtype_on(&dev)?;
     for name in &a.models {
         let cfg = DiTConfig::named(name, a.image_size)?;
         // Random weights: timing does not depend on the values.
