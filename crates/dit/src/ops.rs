@@ -1,10 +1,13 @@
-//! Fast CPU kernels for the element-wise hot spots of the DiT forward pass.
+//! Fast CPU kernels for the hot spots of the DiT forward pass outside the big GEMMs.
 //!
-//! candle's CPU unary ops run on one thread and its GELU calls `tanhf` per element; in DiT-XL/2
-//! the MLP's GELU over (N, T, 4D) was ~15% of the forward pass. Here it is multi-threaded and
-//! written as x * sigmoid(2u) (= 0.5 x (1 + tanh u)), which needs one `exp` per element.
+//! - GELU: candle's CPU unary ops run on one thread and its GELU calls `tanhf` per element; in
+//!   DiT-XL/2 the MLP's GELU over (N, T, 4D) was ~15% of the forward pass. Here it is
+//!   multi-threaded and written as x * sigmoid(2u) (= 0.5 x (1 + tanh u)): one `exp` per element.
+//! - Self-attention: softmax(q k^T / sqrt(d)) v read straight out of the fused qkv projection,
+//!   one (sample, head) per task, with single-threaded GEMMs. candle's path copies q, k and v
+//!   out of qkv, runs many tiny multi-threaded GEMMs (T x 64 x T) and a separate softmax pass.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -69,10 +72,168 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// softmax(q k^T / sqrt(hd)) v for every head, from the output of a fused qkv projection.
+/// qkv: (N, T, 3 * D) with q, k, v each split into `num_heads` heads of D / num_heads channels
+/// (the layout of timm's `Attention`); returns (N, T, D) with the heads concatenated.
+pub fn self_attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
+    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+        qkv.contiguous()?
+            .apply_op1_no_bwd(&FusedSelfAttention { num_heads })
+    } else {
+        self_attention_unfused(qkv, num_heads)
+    }
+}
+
+/// The same computation with candle's tensor ops (any device and dtype).
+pub fn self_attention_unfused(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
+    let (n, t, d3) = qkv.dims3()?;
+    let (d, hd) = (d3 / 3, d3 / 3 / num_heads);
+    // (N, T, 3, H, hd) -> (3, N, H, T, hd)
+    let qkv = qkv
+        .reshape((n, t, 3, num_heads, hd))?
+        .permute((2, 0, 3, 1, 4))?;
+    let q = (qkv.get(0)? * (hd as f64).powf(-0.5))?.contiguous()?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let attn = candle_nn::ops::softmax(&q.matmul(&k.t()?)?, D::Minus1)?;
+    attn.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))
+}
+
+struct FusedSelfAttention {
+    num_heads: usize,
+}
+
+/// A pointer that parallel tasks share to write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (its own head of its own sample).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl CustomOp1 for FusedSelfAttention {
+    fn name(&self) -> &'static str {
+        "fused-self-attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, t, d3) = layout.shape().dims3()?;
+        let h = self.num_heads;
+        if d3 % (3 * h) != 0 {
+            candle_core::bail!("attention: qkv width {d3} is not 3 x heads ({h}) x head size");
+        }
+        let (d, hd) = (d3 / 3, d3 / 3 / h);
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("attention: qkv must be contiguous".into()))?;
+        let CpuStorage::F32(v) = storage else {
+            candle_core::bail!("attention: f32 only")
+        };
+        let src = &v[start..end];
+        let mut out = vec![0f32; n * t * d];
+        let dst = SharedOut(out.as_mut_ptr());
+        let scale = (hd as f32).powf(-0.5);
+        let (d3i, di, ti) = (d3 as isize, d as isize, t as isize);
+        (0..n * h).into_par_iter().for_each_init(
+            || vec![0f32; t * t],
+            |scores, bh| {
+                let (b, head) = (bh / h, bh % h);
+                let q = src[b * t * d3 + head * hd..].as_ptr();
+                // SAFETY: q, k, v index rows of `src` with row stride 3D within sample b; the
+                // output head occupies columns head*hd.. of sample b's rows, written by this task only.
+                unsafe {
+                    let (k, v) = (q.add(d), q.add(2 * d));
+                    // scores (T x T) = scale * q (T x hd) k^T (hd x T)
+                    gemm::gemm(
+                        t,
+                        t,
+                        hd,
+                        scores.as_mut_ptr(),
+                        1,
+                        ti,
+                        false,
+                        q,
+                        1,
+                        d3i,
+                        k,
+                        d3i,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    for row in scores.chunks_exact_mut(t) {
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0.0;
+                        for x in row.iter_mut() {
+                            *x = (*x - max).exp();
+                            sum += *x;
+                        }
+                        let inv = 1.0 / sum;
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
+                    // out (T x hd) = scores (T x T) v (T x hd)
+                    let o = dst.ptr().add(b * t * d + head * hd);
+                    gemm::gemm(
+                        t,
+                        hd,
+                        t,
+                        o,
+                        1,
+                        di,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        ti,
+                        v,
+                        1,
+                        d3i,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((n, t, d))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn fused_attention_matches_candle_ops() {
+        for (n, t, d, h) in [(2, 16, 24, 3), (3, 64, 64, 1), (1, 7, 32, 4)] {
+            let qkv =
+                (Tensor::randn(0f32, 1.0, (n, t, 3 * d), &Device::Cpu).unwrap() * 2.0).unwrap();
+            let fused = self_attention(&qkv, h).unwrap();
+            let plain = self_attention_unfused(&qkv, h).unwrap();
+            let diff = (fused - &plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "n={n} t={t} d={d} h={h}: max diff {diff}");
+        }
+    }
 
     #[test]
     fn matches_the_tanh_formula() {

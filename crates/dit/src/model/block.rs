@@ -60,19 +60,7 @@ impl Attention {
 
 impl Module for Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, t, d) = x.dims3()?;
-        let head_dim = d / self.num_heads;
-        // (N, T, 3, H, hd) -> (3, N, H, T, hd)
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((n, t, 3, self.num_heads, head_dim))?;
-        let qkv = qkv.permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)? * (head_dim as f64).powf(-0.5))?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))?;
+        let out = crate::ops::self_attention(&self.qkv.forward(x)?, self.num_heads)?;
         self.proj.forward(&out)
     }
 }
