@@ -211,6 +211,92 @@ impl CustomOp1 for FusedSelfAttention {
     }
 }
 
+/// 3x3 convolution, stride 1, padding 1 (the VAE's workhorse) as nine accumulated GEMMs.
+///
+/// With the input zero-padded to (C, H + 2, W + 2) and flattened, the tap (kh, kw) of every
+/// output pixel is one contiguous run of the padded input, if the output is computed W + 2 wide
+/// (two garbage columns per row, cropped at the end). So each tap is a plain
+/// (C_out x C_in) x (C_in x H (W + 2)) GEMM into the same output, with no im2col buffer.
+/// x: (N, C_in, H, W), weight: (C_out, C_in, 3, 3), bias: (C_out). CPU f32; candle's conv elsewhere.
+pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+        let y = x.conv2d(weight, 1, 1, 1, 1)?;
+        return match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    let (n, c_in, h, w) = x.dims4()?;
+    let (c_out, wc, kh, kw) = weight.dims4()?;
+    if (wc, kh, kw) != (c_in, 3, 3) {
+        candle_core::bail!(
+            "conv3x3: weight {:?} does not fit input {:?}",
+            weight.dims(),
+            x.dims()
+        );
+    }
+    let (hp, wp) = (h + 2, w + 2);
+    // One spare row so the last taps may read past the final padded row (into zeros).
+    let padded = x
+        .pad_with_zeros(2, 1, 2)?
+        .pad_with_zeros(3, 1, 1)?
+        .contiguous()?;
+    let weight = weight.contiguous()?;
+    let (xs, ws) = (padded.storage_and_layout(), weight.storage_and_layout());
+    let (
+        candle_core::Storage::Cpu(CpuStorage::F32(xv)),
+        candle_core::Storage::Cpu(CpuStorage::F32(wv)),
+    ) = (&*xs.0, &*ws.0)
+    else {
+        candle_core::bail!("conv3x3: f32 CPU tensors expected")
+    };
+    let xv = &xv[xs.1.start_offset()..];
+    let wv = &wv[ws.1.start_offset()..];
+    let cols = h * wp;
+    let mut out = vec![0f32; n * c_out * cols];
+    let threads = rayon::current_num_threads();
+    for b in 0..n {
+        let src = &xv[b * c_in * (hp + 1) * wp..];
+        let dst = &mut out[b * c_out * cols..(b + 1) * c_out * cols];
+        for tap in 0..9 {
+            let (dy, dx) = (tap / 3, tap % 3);
+            // SAFETY: lhs = weight[:, :, dy, dx] (rows C_out, stride C_in * 9; columns C_in,
+            // stride 9); rhs rows are channels of the padded input (stride (H + 3)(W + 2)), each
+            // read for H (W + 2) elements from offset dy (W + 2) + dx, inside the padded buffer.
+            unsafe {
+                gemm::gemm(
+                    c_out,
+                    cols,
+                    c_in,
+                    dst.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    tap > 0,
+                    wv[tap..].as_ptr(),
+                    9,
+                    (c_in * 9) as isize,
+                    src[dy * wp + dx..].as_ptr(),
+                    1,
+                    ((hp + 1) * wp) as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads),
+                );
+            }
+        }
+    }
+    drop((xs, ws));
+    let y = Tensor::from_vec(out, (n, c_out, h, wp), x.device())?.narrow(3, 0, w)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+        None => y,
+    };
+    y.contiguous()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +318,30 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(diff < 1e-5, "n={n} t={t} d={d} h={h}: max diff {diff}");
+        }
+    }
+
+    #[test]
+    fn conv3x3_matches_candle_conv() {
+        for (n, ci, co, h, w) in [(2, 5, 7, 6, 9), (1, 32, 16, 16, 16), (1, 3, 4, 1, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (n, ci, h, w), &Device::Cpu).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (co, ci, 3, 3), &Device::Cpu).unwrap();
+            let b = Tensor::randn(0f32, 1.0, co, &Device::Cpu).unwrap();
+            let ours = conv3x3(&x, &k, Some(&b)).unwrap();
+            let theirs = x
+                .conv2d(&k, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, co, 1, 1)).unwrap())
+                .unwrap();
+            let diff = (ours - &theirs)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "{n} {ci} {co} {h} {w}: {diff}");
         }
     }
 
