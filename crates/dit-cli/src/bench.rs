@@ -76,12 +76,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.vae {
         let varmap = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &dev);
-        let vae = candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(
-            vb,
-            3,
-            3,
-            dit::vae::sd_vae_config(),
-        )?;
+        let vae = dit::vae::Vae::new(&dit::vae::VaeConfig::sd(), vb)?;
         let l = a.image_size / 8;
         let z = Tensor::randn(0f32, 1.0, (1, 4, l, l), &dev)?.to_dtype(dtype)?;
         let s = time(a.iters.min(2), || {
