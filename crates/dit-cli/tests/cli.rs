@@ -19,6 +19,14 @@ fn dit(args: &[&str]) -> Output {
         .expect("run dit")
 }
 
+fn succeeds(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Asserts a clean failure: non-zero exit, no panic, one `error:` line containing `needle`.
 fn fails_with(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -34,6 +42,14 @@ fn fails_with(out: &Output, needle: &str) {
         "error line lacks '{needle}': {}",
         lines[0]
     );
+}
+
+/// `dit sample` on the 10-class fixture checkpoint, latents only, with `extra` flags.
+fn sample_c10(extra: &[&str]) -> Output {
+    let ckpt = fixture("dit_c10_128.pt");
+    let mut args = vec!["sample", "--ckpt", p(&ckpt), "--no-decode"];
+    args.extend_from_slice(extra);
+    dit(&args)
 }
 
 fn p(path: &Path) -> &str {
@@ -73,10 +89,7 @@ fn ddim_through_the_cli_matches_the_reference_latents() {
         .iter()
         .map(|l| l.to_string())
         .collect();
-    let out = dit(&[
-        "sample",
-        "--ckpt",
-        p(&fixture("dit_c10_128.pt")),
+    let out = sample_c10(&[
         "--num-heads",
         "6",
         "--sampler",
@@ -91,13 +104,8 @@ fn ddim_through_the_cli_matches_the_reference_latents() {
         p(&noise),
         "--save-latents",
         p(&latents),
-        "--no-decode",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&out);
     let got = Tensor::read_npy(&latents).unwrap();
     let e = rel_l2(&got, &f["ddim25_cfg4"]);
     assert!(e < 1e-4, "rel L2 {e}");
@@ -122,11 +130,7 @@ fn same_seed_same_samples_and_a_png_grid() {
             "--out",
             p(&png),
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeds(&out);
         let img = image::open(&png).unwrap();
         // 3 images of 32 px in one row with 2 px padding.
         assert_eq!((img.width(), img.height()), (3 * 34 + 2, 36));
@@ -182,24 +186,13 @@ fn config_that_disagrees_names_the_tensor_and_both_shapes() {
         "--no-decode",
     ]);
     fails_with(&out, "x_embedder.proj.weight has shape [96, 4, 4, 4] in the checkpoint but the model config expects [384, 4, 2, 2]");
-    let out = dit(&[
-        "sample",
-        "--ckpt",
-        p(&fixture("dit_c10_128.pt")),
-        "--num-classes",
-        "1000",
-        "--no-decode",
-    ]);
+    let out = sample_c10(&["--num-classes", "1000"]);
     fails_with(&out, "y_embedder.embedding_table.weight has shape [11, 96]");
     // Converting keeps every tensor; the converted file loads the same way.
     let dir = tempfile::tempdir().unwrap();
     let st = dir.path().join("c10.safetensors");
     let out = dit(&["convert", p(&fixture("dit_c10_128.pt")), p(&st)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&out);
     let out = dit(&[
         "sample",
         "--ckpt",
@@ -222,16 +215,7 @@ fn wrong_noise_shape() {
         .unwrap()
         .write_npy(&noise)
         .unwrap();
-    let out = dit(&[
-        "sample",
-        "--ckpt",
-        p(&fixture("dit_c10_128.pt")),
-        "--labels",
-        "1,2",
-        "--noise",
-        p(&noise),
-        "--no-decode",
-    ]);
+    let out = sample_c10(&["--labels", "1,2", "--noise", p(&noise)]);
     fails_with(
         &out,
         "noise has shape [2, 4, 8, 8] but 2 samples of this model need [2, 4, 16, 16]",
@@ -240,14 +224,7 @@ fn wrong_noise_shape() {
 
 #[test]
 fn label_out_of_range() {
-    let out = dit(&[
-        "sample",
-        "--ckpt",
-        p(&fixture("dit_c10_128.pt")),
-        "--labels",
-        "3,10",
-        "--no-decode",
-    ]);
+    let out = sample_c10(&["--labels", "3,10"]);
     fails_with(&out, "label 10 is out of range: the model has 10 classes");
 }
 

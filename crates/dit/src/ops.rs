@@ -300,7 +300,14 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
 /// GroupNorm with affine parameters, optionally followed by SiLU, in one pass over memory per
 /// (sample, group) task. x: (N, C, ...); weight, bias: (C). Statistics in f64. CPU f32; candle's
 /// ops elsewhere.
-pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
     if !(x.device().is_cpu() && x.dtype() == DType::F32) {
         let (n, c) = (x.dim(0)?, x.dim(1)?);
         let shape = x.shape().clone();
@@ -311,7 +318,9 @@ pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps
         let g = g.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(&shape)?;
         let mut affine = vec![1usize; shape.rank()];
         affine[1] = c;
-        let y = g.broadcast_mul(&weight.reshape(affine.clone())?)?.broadcast_add(&bias.reshape(affine)?)?;
+        let y = g
+            .broadcast_mul(&weight.reshape(affine.clone())?)?
+            .broadcast_add(&bias.reshape(affine)?)?;
         return if silu { y.silu() } else { Ok(y) };
     }
     let (n, c) = (x.dim(0)?, x.dim(1)?);
@@ -325,28 +334,31 @@ pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps
     let (w, b) = (weight.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; xs.len()];
-    out.par_chunks_mut(group_len).zip(xs.par_chunks(group_len)).enumerate().for_each(|(ng, (o, src))| {
-        let g = ng % groups;
-        let (mut sum, mut sq) = (0f64, 0f64);
-        for &v in src {
-            sum += v as f64;
-            sq += (v as f64) * (v as f64);
-        }
-        let mean = sum / group_len as f64;
-        let var = (sq / group_len as f64 - mean * mean).max(0.0);
-        let inv = 1.0 / (var + eps).sqrt();
-        for ch in 0..cpg {
-            let cc = g * cpg + ch;
-            // y = (x - mean) * inv * w + b = x * a + shift
-            let a = (inv * w[cc] as f64) as f32;
-            let shift = (b[cc] as f64 - mean * inv * w[cc] as f64) as f32;
-            let range = ch * per_channel..(ch + 1) * per_channel;
-            for (o, &v) in o[range.clone()].iter_mut().zip(&src[range]) {
-                let y = v * a + shift;
-                *o = if silu { y / (1.0 + (-y).exp()) } else { y };
+    out.par_chunks_mut(group_len)
+        .zip(xs.par_chunks(group_len))
+        .enumerate()
+        .for_each(|(ng, (o, src))| {
+            let g = ng % groups;
+            let (mut sum, mut sq) = (0f64, 0f64);
+            for &v in src {
+                sum += v as f64;
+                sq += (v as f64) * (v as f64);
             }
-        }
-    });
+            let mean = sum / group_len as f64;
+            let var = (sq / group_len as f64 - mean * mean).max(0.0);
+            let inv = 1.0 / (var + eps).sqrt();
+            for ch in 0..cpg {
+                let cc = g * cpg + ch;
+                // y = (x - mean) * inv * w + b = x * a + shift
+                let a = (inv * w[cc] as f64) as f32;
+                let shift = (b[cc] as f64 - mean * inv * w[cc] as f64) as f32;
+                let range = ch * per_channel..(ch + 1) * per_channel;
+                for (o, &v) in o[range.clone()].iter_mut().zip(&src[range]) {
+                    let y = v * a + shift;
+                    *o = if silu { y / (1.0 + (-y).exp()) } else { y };
+                }
+            }
+        });
     Tensor::from_vec(out, x.shape(), x.device())
 }
 
@@ -355,6 +367,17 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn fused_attention_matches_candle_ops() {
         for (n, t, d, h) in [(2, 16, 24, 3), (3, 64, 64, 1), (1, 7, 32, 4)] {
@@ -362,14 +385,7 @@ mod tests {
                 (Tensor::randn(0f32, 1.0, (n, t, 3 * d), &Device::Cpu).unwrap() * 2.0).unwrap();
             let fused = self_attention(&qkv, h).unwrap();
             let plain = self_attention_unfused(&qkv, h).unwrap();
-            let diff = (fused - &plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&fused, &plain);
             assert!(diff < 1e-5, "n={n} t={t} d={d} h={h}: max diff {diff}");
         }
     }
@@ -386,29 +402,28 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&b.reshape((1, co, 1, 1)).unwrap())
                 .unwrap();
-            let diff = (ours - &theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&ours, &theirs);
             assert!(diff < 1e-4, "{n} {ci} {co} {h} {w}: {diff}");
         }
     }
 
     #[test]
     fn group_norm_matches_candle_nn() {
-        let x = ((Tensor::randn(0f32, 1.0, (2, 8, 5, 3), &Device::Cpu).unwrap() * 3.0).unwrap() + 1.0).unwrap();
+        let x = ((Tensor::randn(0f32, 1.0, (2, 8, 5, 3), &Device::Cpu).unwrap() * 3.0).unwrap()
+            + 1.0)
+            .unwrap();
         let w = Tensor::randn(0f32, 1.0, 8, &Device::Cpu).unwrap();
         let b = Tensor::randn(0f32, 1.0, 8, &Device::Cpu).unwrap();
         let reference = candle_nn::GroupNorm::new(w.clone(), b.clone(), 8, 4, 1e-6).unwrap();
         let want = candle_core::Module::forward(&reference, &x).unwrap();
         for silu in [false, true] {
             let got = group_norm(&x, 4, &w, &b, 1e-6, silu).unwrap();
-            let want = if silu { want.silu().unwrap() } else { want.clone() };
-            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let want = if silu {
+                want.silu().unwrap()
+            } else {
+                want.clone()
+            };
+            let diff = max_abs_diff(&got, &want);
             assert!(diff < 1e-5, "silu={silu}: {diff}");
         }
     }

@@ -18,7 +18,10 @@ use crate::{Error, Result};
 
 /// The scale that makes SD latents roughly unit variance.
 pub const LATENT_SCALE: f64 = 0.18215;
-const WEIGHTS: [&str; 2] = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"];
+const WEIGHTS: [&str; 2] = [
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+];
 
 /// The shape of an `AutoencoderKL` (diffusers' config names).
 #[derive(Debug, Clone, PartialEq)]
@@ -32,7 +35,12 @@ pub struct VaeConfig {
 impl VaeConfig {
     /// The autoencoder of Stable Diffusion 1.x (the one DiT uses): 4 latent channels, factor 8.
     pub fn sd() -> Self {
-        Self { block_out_channels: vec![128, 256, 512, 512], layers_per_block: 2, latent_channels: 4, norm_num_groups: 32 }
+        Self {
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            norm_num_groups: 32,
+        }
     }
 }
 
@@ -50,12 +58,19 @@ pub fn resolve_weights(source: &str) -> Result<PathBuf> {
                 return Ok(f);
             }
         }
-        return Err(Error::Input(format!("VAE folder {source} has no {}", WEIGHTS.join(" or "))));
+        return Err(Error::Input(format!(
+            "VAE folder {source} has no {}",
+            WEIGHTS.join(" or ")
+        )));
     }
     let repo = match source {
         "ema" | "mse" => format!("stabilityai/sd-vae-ft-{source}"),
         s if s.contains('/') && !s.starts_with('.') && !s.starts_with('/') => s.to_string(),
-        _ => return Err(Error::Input(format!("VAE {source} is neither a file, a folder nor a hub repo id"))),
+        _ => {
+            return Err(Error::Input(format!(
+                "VAE {source} is neither a file, a folder nor a hub repo id"
+            )))
+        }
     };
     let cache = hf_hub::Cache::from_env().model(repo.clone());
     if let Some(f) = cache.get(WEIGHTS[0]) {
@@ -63,7 +78,9 @@ pub fn resolve_weights(source: &str) -> Result<PathBuf> {
     }
     let api = hf_hub::api::sync::Api::new().map_err(|e| Error::Input(format!("hub: {e}")))?;
     api.model(repo.clone()).get(WEIGHTS[0]).map_err(|e| {
-        Error::Input(format!("VAE {repo} is not in the Hugging Face cache and could not be downloaded: {e}"))
+        Error::Input(format!(
+            "VAE {repo} is not in the Hugging Face cache and could not be downloaded: {e}"
+        ))
     })
 }
 
@@ -76,8 +93,18 @@ struct Conv {
 }
 
 impl Conv {
-    fn new(c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self { weight: vb.get((c_out, c_in, k, k), "weight")?, bias: vb.get(c_out, "bias")?, stride })
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get((c_out, c_in, k, k), "weight")?,
+            bias: vb.get(c_out, "bias")?,
+            stride,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -86,7 +113,8 @@ impl Conv {
             return ops::conv3x3(x, &self.weight, Some(&self.bias));
         }
         // 1x1 (no padding) or the encoder's stride-2 downsampling (padded by the caller).
-        x.conv2d(&self.weight, 0, self.stride, 1, 1)?.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        x.conv2d(&self.weight, 0, self.stride, 1, 1)?
+            .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }
 
@@ -99,7 +127,11 @@ struct GroupNorm {
 
 impl GroupNorm {
     fn new(groups: usize, channels: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups })
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+        })
     }
 
     fn forward(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
@@ -124,7 +156,9 @@ impl ResnetBlock {
             conv1: Conv::new(c_in, c_out, 3, 1, vb.pp("conv1"))?,
             norm2: GroupNorm::new(groups, c_out, vb.pp("norm2"))?,
             conv2: Conv::new(c_out, c_out, 3, 1, vb.pp("conv2"))?,
-            shortcut: (c_in != c_out).then(|| Conv::new(c_in, c_out, 1, 1, vb.pp("conv_shortcut"))).transpose()?,
+            shortcut: (c_in != c_out)
+                .then(|| Conv::new(c_in, c_out, 1, 1, vb.pp("conv_shortcut")))
+                .transpose()?,
         })
     }
 
@@ -171,8 +205,20 @@ impl AttentionBlock {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let t = self.norm.forward(x, false)?.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let qkv = Tensor::cat(&[self.qkv[0].forward(&t)?, self.qkv[1].forward(&t)?, self.qkv[2].forward(&t)?], 2)?;
+        let t = self
+            .norm
+            .forward(x, false)?
+            .reshape((n, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let qkv = Tensor::cat(
+            &[
+                self.qkv[0].forward(&t)?,
+                self.qkv[1].forward(&t)?,
+                self.qkv[2].forward(&t)?,
+            ],
+            2,
+        )?;
         let o = self.out.forward(&ops::self_attention(&qkv, 1)?)?;
         x + o.transpose(1, 2)?.reshape((n, c, h, w))?
     }
@@ -195,7 +241,8 @@ impl MidBlock {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.resnet1.forward(&self.attn.forward(&self.resnet0.forward(x)?)?)
+        self.resnet1
+            .forward(&self.attn.forward(&self.resnet0.forward(x)?)?)
     }
 }
 
@@ -204,6 +251,33 @@ impl MidBlock {
 struct Stage {
     resnets: Vec<ResnetBlock>,
     resample: Option<Conv>,
+}
+
+impl Stage {
+    /// `resample`: the conv's name and stride (2 downsamples; 1 follows a nearest x2 upsampling).
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        layers: usize,
+        groups: usize,
+        resample: Option<(&str, usize)>,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let resnets = (0..layers)
+            .map(|j| {
+                ResnetBlock::new(
+                    if j == 0 { c_in } else { c_out },
+                    c_out,
+                    groups,
+                    vb.pp(format!("resnets.{j}")),
+                )
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let resample = resample
+            .map(|(name, stride)| Conv::new(c_out, c_out, 3, stride, vb.pp(name)))
+            .transpose()?;
+        Ok(Self { resnets, resample })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -218,17 +292,20 @@ struct Coder {
 impl Coder {
     fn encoder(cfg: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (ch, g) = (&cfg.block_out_channels, cfg.norm_num_groups);
-        let mut stages = Vec::new();
-        for (i, &c_out) in ch.iter().enumerate() {
-            let vb = vb.pp(format!("down_blocks.{i}"));
-            let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| ResnetBlock::new(if j == 0 { c_in } else { c_out }, c_out, g, vb.pp(format!("resnets.{j}"))))
-                .collect::<candle_core::Result<_>>()?;
-            let last = i + 1 == ch.len();
-            let resample = (!last).then(|| Conv::new(c_out, c_out, 3, 2, vb.pp("downsamplers.0.conv"))).transpose()?;
-            stages.push(Stage { resnets, resample });
-        }
+        let stages = (0..ch.len())
+            .map(|i| {
+                let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
+                let down = (i + 1 < ch.len()).then_some(("downsamplers.0.conv", 2));
+                Stage::new(
+                    c_in,
+                    ch[i],
+                    cfg.layers_per_block,
+                    g,
+                    down,
+                    vb.pp(format!("down_blocks.{i}")),
+                )
+            })
+            .collect::<candle_core::Result<_>>()?;
         let top = *ch.last().unwrap_or(&0);
         Ok(Self {
             conv_in: Conv::new(3, ch[0], 3, 1, vb.pp("conv_in"))?,
@@ -242,17 +319,20 @@ impl Coder {
     fn decoder(cfg: &VaeConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let g = cfg.norm_num_groups;
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
-        let mut stages = Vec::new();
-        for (i, &c_out) in rev.iter().enumerate() {
-            let vb = vb.pp(format!("up_blocks.{i}"));
-            let c_in = if i == 0 { rev[0] } else { rev[i - 1] };
-            let resnets = (0..=cfg.layers_per_block)
-                .map(|j| ResnetBlock::new(if j == 0 { c_in } else { c_out }, c_out, g, vb.pp(format!("resnets.{j}"))))
-                .collect::<candle_core::Result<_>>()?;
-            let last = i + 1 == rev.len();
-            let resample = (!last).then(|| Conv::new(c_out, c_out, 3, 1, vb.pp("upsamplers.0.conv"))).transpose()?;
-            stages.push(Stage { resnets, resample });
-        }
+        let stages = (0..rev.len())
+            .map(|i| {
+                let c_in = if i == 0 { rev[0] } else { rev[i - 1] };
+                let up = (i + 1 < rev.len()).then_some(("upsamplers.0.conv", 1));
+                Stage::new(
+                    c_in,
+                    rev[i],
+                    cfg.layers_per_block + 1,
+                    g,
+                    up,
+                    vb.pp(format!("up_blocks.{i}")),
+                )
+            })
+            .collect::<candle_core::Result<_>>()?;
         let bottom = *rev.last().unwrap_or(&0);
         Ok(Self {
             conv_in: Conv::new(cfg.latent_channels, rev[0], 3, 1, vb.pp("conv_in"))?,
@@ -315,10 +395,13 @@ impl Vae {
 
     /// Loads diffusers-format weights from a `.safetensors` or PyTorch file.
     pub fn load(weights: &Path, cfg: &VaeConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let bad = |e: &dyn std::fmt::Display| Error::Checkpoint(format!("cannot load VAE {}: {e}", weights.display()));
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::Checkpoint(format!("cannot load VAE {}: {e}", weights.display()))
+        };
         let vb = if weights.extension().is_some_and(|e| e == "safetensors") {
             // SAFETY: the file is memory-mapped read-only; safetensors validates its header.
-            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }.map_err(|e| bad(&e))?
+            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }
+                .map_err(|e| bad(&e))?
         } else {
             VarBuilder::from_pth(weights, dtype, device).map_err(|e| bad(&e))?
         };

@@ -24,24 +24,17 @@ fn load(name: &str) -> HashMap<String, Tensor> {
 /// Relative L2 error ||a - b|| / ||b||.
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let d = (a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let n = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (d / n).sqrt()
+    let sq_sum = |t: Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    (sq_sum((a - b).unwrap()) / sq_sum(b.clone())).sqrt()
 }
 
 fn labels(t: &Tensor) -> Vec<usize> {
@@ -143,14 +136,28 @@ fn respacing_visits_the_reference_timesteps() {
 #[test]
 fn vae_decode_and_encode_match_diffusers() {
     let io = load("tiny_vae_io.safetensors");
-    let cfg = dit::vae::VaeConfig { block_out_channels: vec![32, 64], layers_per_block: 1, latent_channels: 4, norm_num_groups: 32 };
-    let vae = dit::vae::Vae::load(&fixture("tiny_vae.safetensors"), &cfg, DType::F32, &Device::Cpu).unwrap();
+    let cfg = dit::vae::VaeConfig {
+        block_out_channels: vec![32, 64],
+        layers_per_block: 1,
+        latent_channels: 4,
+        norm_num_groups: 32,
+    };
+    let vae = dit::vae::Vae::load(
+        &fixture("tiny_vae.safetensors"),
+        &cfg,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     // A batch of 2: candle-transformers' VAE got this wrong (see vae.rs).
     let img = vae.decode(&io["latents"]).unwrap();
     let e = rel_l2(&img, &io["decoded"]);
     assert!(e < 1e-5, "decode rel L2 {e}");
     let mean = vae.encode_mean(&io["image"]).unwrap();
-    let e = rel_l2(&mean, &(&io["encoded_mean"] * dit::vae::LATENT_SCALE).unwrap());
+    let e = rel_l2(
+        &mean,
+        &(&io["encoded_mean"] * dit::vae::LATENT_SCALE).unwrap(),
+    );
     assert!(e < 1e-5, "encode rel L2 {e}");
     // A sample is the mean plus noise of the predicted scale: seeded, so reproducible.
     let a = vae.encode(&io["image"], &mut NoiseRng::new(3)).unwrap();
