@@ -6,6 +6,9 @@
 //! - Self-attention: softmax(q k^T / sqrt(d)) v read straight out of the fused qkv projection,
 //!   one (sample, head) per task, with single-threaded GEMMs. candle's path copies q, k and v
 //!   out of qkv, runs many tiny multi-threaded GEMMs (T x 64 x T) and a separate softmax pass.
+//!
+//! The fused kernels have no backward pass: on tensors that track gradients (training) every
+//! function here takes candle's differentiable path instead.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -65,7 +68,7 @@ impl CustomOp1 for GeluTanh {
 /// GELU with the tanh approximation (timm's `GELU(approximate="tanh")`). Multi-threaded on the
 /// CPU for f32 / bf16; candle's own op elsewhere.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) && !x.track_op() {
         x.contiguous()?.apply_op1_no_bwd(&GeluTanh)
     } else {
         x.gelu()
@@ -76,7 +79,7 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// qkv: (N, T, 3 * D) with q, k, v each split into `num_heads` heads of D / num_heads channels
 /// (the layout of timm's `Attention`); returns (N, T, D) with the heads concatenated.
 pub fn self_attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
-    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && !qkv.track_op() {
         qkv.contiguous()?
             .apply_op1_no_bwd(&FusedSelfAttention { num_heads })
     } else {
@@ -219,7 +222,8 @@ impl CustomOp1 for FusedSelfAttention {
 /// (C_out x C_in) x (C_in x H (W + 2)) GEMM into the same output, with no im2col buffer.
 /// x: (N, C_in, H, W), weight: (C_out, C_in, 3, 3), bias: (C_out). CPU f32; candle's conv elsewhere.
 pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+    let tracked = x.track_op() || weight.track_op();
+    if !(x.device().is_cpu() && x.dtype() == DType::F32) || tracked {
         let y = x.conv2d(weight, 1, 1, 1, 1)?;
         return match bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
@@ -308,7 +312,8 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+    let tracked = x.track_op() || weight.track_op() || bias.track_op();
+    if !(x.device().is_cpu() && x.dtype() == DType::F32) || tracked {
         let (n, c) = (x.dim(0)?, x.dim(1)?);
         let shape = x.shape().clone();
         let g = x.reshape((n, groups, ()))?;
@@ -426,6 +431,49 @@ mod tests {
             let diff = max_abs_diff(&got, &want);
             assert!(diff < 1e-5, "silu={silu}: {diff}");
         }
+    }
+
+    #[test]
+    fn gradients_flow_through_every_op() {
+        // Training needs gradients: tracked inputs must take the differentiable path.
+        let x = candle_core::Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (1, 4, 3, 3), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 4, 3, 3), &Device::Cpu).unwrap();
+        let (w, b) = (
+            Tensor::ones(2, DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let y = conv3x3(x.as_tensor(), &k, None).unwrap();
+        assert!(y.track_op(), "conv3x3");
+        let y = group_norm(&y, 1, &w, &b, 1e-6, true).unwrap();
+        assert!(y.track_op(), "group_norm");
+        let y = gelu_tanh(
+            &y.reshape((1, 2, 9))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .repeat((1, 1, 3))
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(y.track_op(), "gelu");
+        let y = self_attention(&y, 1).unwrap();
+        assert!(y.track_op(), "attention");
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .expect("no gradient reached the input");
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
     }
 
     #[test]
