@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use clap::Args;
 use dit::{DiT, DiTConfig};
 
@@ -41,15 +42,35 @@ fn time<F: FnMut() -> Result<()>>(iters: usize, mut f: F) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64() / iters as f64)
 }
 
+/// Builds a module with candle's default random initialisation, as plain tensors: weights that
+/// are `Var`s track gradients, which would route the forward pass around the fused kernels.
+fn random_weights<M, E>(
+    build: impl Fn(VarBuilder) -> std::result::Result<M, E>,
+    dtype: DType,
+    dev: &Device,
+) -> Result<M>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let varmap = candle_nn::VarMap::new();
+    build(VarBuilder::from_varmap(&varmap, dtype, dev))?;
+    let tensors = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+        .collect();
+    Ok(build(VarBuilder::from_tensors(tensors, dtype, dev))?)
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     let dev = Device::Cpu;
     let dtype = a.dtype.dtype_on(&dev)?;
     for name in &a.models {
         let cfg = DiTConfig::named(name, a.image_size)?;
         // Random weights: timing does not depend on the values.
-        let varmap = candle_nn::VarMap::new();
-        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &dev);
-        let model = DiT::new(&cfg, vb)?;
+        let model = random_weights(|vb| DiT::new(&cfg, vb), dtype, &dev)?;
         let n = a.batch_size;
         let x = Tensor::randn(0f32, 1.0, (n, 4, cfg.input_size, cfg.input_size), &dev)?
             .to_dtype(dtype)?;
@@ -74,9 +95,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{{\"what\": \"forward\", \"model\": \"{name}\", \"batch\": {n}, \"dtype\": \"{dtype:?}\", \"seconds\": {s:.4}, \"images_per_s\": {:.3}}}", n as f64 / s);
     }
     if a.vae {
-        let varmap = candle_nn::VarMap::new();
-        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &dev);
-        let vae = dit::vae::Vae::new(&dit::vae::VaeConfig::sd(), vb)?;
+        let vae = random_weights(
+            |vb| dit::vae::Vae::new(&dit::vae::VaeConfig::sd(), vb),
+            dtype,
+            &dev,
+        )?;
         let l = a.image_size / 8;
         let z = Tensor::randn(0f32, 1.0, (1, 4, l, l), &dev)?.to_dtype(dtype)?;
         let s = time(a.iters.min(2), || {
