@@ -247,7 +247,10 @@ def vae_fixture(gen):
                         latent_channels=4, norm_num_groups=32, sample_size=32).eval()
     for p in vae.parameters():  # non-trivial weights everywhere, including the norms' affine parts
         p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(OUT, "tiny_vae.safetensors"))
+    # A diffusers folder: config.json beside diffusion_pytorch_model.safetensors.
+    folder = os.path.join(OUT, "tiny_vae_folder")
+    os.makedirs(folder, exist_ok=True)
+    vae.save_pretrained(folder, safe_serialization=True)
     z = torch.randn(2, 4, 8, 8, generator=gen)
     img = vae.decode(z / 0.18215).sample
     x = torch.rand(1, 3, 16, 16, generator=gen) * 2 - 1

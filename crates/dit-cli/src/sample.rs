@@ -184,12 +184,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
     // Load the VAE before sampling, so a missing one fails in seconds, not after the run.
     let vae = if cfg.in_channels == 4 && !a.no_decode {
         let weights = dit::vae::resolve_weights(&a.vae)?;
-        Some(dit::vae::Vae::load(
-            &weights,
-            &dit::vae::VaeConfig::sd(),
-            dtype,
-            &device,
-        )?)
+        let vae_cfg = dit::vae::VaeConfig::beside(&weights)?;
+        Some(dit::vae::Vae::load(&weights, &vae_cfg, dtype, &device)?)
     } else {
         None
     };

@@ -143,6 +143,39 @@ fn same_seed_same_samples_and_a_png_grid() {
 }
 
 #[test]
+fn latent_model_decodes_through_a_diffusers_vae_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grid, each) = (dir.path().join("grid.png"), dir.path().join("each"));
+    let vae = fixture("tiny_vae_folder");
+    let out = dit(&[
+        "sample",
+        "--ckpt",
+        p(&fixture("dit_c10_128.pt")),
+        "--num-heads",
+        "6",
+        "--steps",
+        "3",
+        "--labels",
+        "4,5",
+        "--vae",
+        p(&vae),
+        "--out",
+        p(&grid),
+        "--out-dir",
+        p(&each),
+    ]);
+    succeeds(&out);
+    // 16x16 latents through a VAE with one upsampling: 32x32 images, two in a row.
+    let img = image::open(&grid).unwrap();
+    assert_eq!((img.width(), img.height()), (2 * 34 + 2, 36));
+    let one = image::open(each.join("000001.png")).unwrap();
+    assert_eq!((one.width(), one.height()), (32, 32));
+    // Not a blank picture: the decoder's output varies across pixels.
+    let px = one.to_rgb8();
+    assert!(px.pixels().any(|q| q != px.get_pixel(0, 0)));
+}
+
+#[test]
 fn missing_checkpoint() {
     fails_with(
         &dit(&["sample", "--ckpt", "/nonexistent/DiT-XL-2-256x256.pt"]),

@@ -42,6 +42,42 @@ impl VaeConfig {
             norm_num_groups: 32,
         }
     }
+
+    /// Reads a diffusers `config.json`; keys it lacks keep the SD values.
+    pub fn from_diffusers_json(path: &Path) -> Result<Self> {
+        let bad =
+            |e: &dyn std::fmt::Display| Error::Input(format!("VAE config {}: {e}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e))?;
+        let sd = Self::sd();
+        let num = |key: &str, default: usize| {
+            v.get(key)
+                .and_then(|x| x.as_u64())
+                .map_or(default, |x| x as usize)
+        };
+        let block_out_channels = match v.get("block_out_channels") {
+            Some(b) => serde_json::from_value(b.clone()).map_err(|e| bad(&e))?,
+            None => sd.block_out_channels,
+        };
+        Ok(Self {
+            block_out_channels,
+            layers_per_block: num("layers_per_block", sd.layers_per_block),
+            latent_channels: num("latent_channels", sd.latent_channels),
+            norm_num_groups: num("norm_num_groups", sd.norm_num_groups),
+        })
+    }
+
+    /// The config beside a weight file (`config.json` of a diffusers folder), else SD's.
+    pub fn beside(weights: &Path) -> Result<Self> {
+        match weights
+            .parent()
+            .map(|d| d.join("config.json"))
+            .filter(|c| c.is_file())
+        {
+            Some(c) => Self::from_diffusers_json(&c),
+            None => Ok(Self::sd()),
+        }
+    }
 }
 
 /// Finds the weight file for `source`: a file, a diffusers folder (`vae/` sub-folder allowed),

@@ -136,19 +136,13 @@ fn respacing_visits_the_reference_timesteps() {
 #[test]
 fn vae_decode_and_encode_match_diffusers() {
     let io = load("tiny_vae_io.safetensors");
-    let cfg = dit::vae::VaeConfig {
-        block_out_channels: vec![32, 64],
-        layers_per_block: 1,
-        latent_channels: 4,
-        norm_num_groups: 32,
-    };
-    let vae = dit::vae::Vae::load(
-        &fixture("tiny_vae.safetensors"),
-        &cfg,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let weights = dit::vae::resolve_weights(fixture("tiny_vae_folder").to_str().unwrap()).unwrap();
+    let cfg = dit::vae::VaeConfig::beside(&weights).unwrap();
+    assert_eq!(
+        (cfg.block_out_channels.as_slice(), cfg.layers_per_block),
+        ([32, 64].as_slice(), 1)
+    );
+    let vae = dit::vae::Vae::load(&weights, &cfg, DType::F32, &Device::Cpu).unwrap();
     // A batch of 2: candle-transformers' VAE got this wrong (see vae.rs).
     let img = vae.decode(&io["latents"]).unwrap();
     let e = rel_l2(&img, &io["decoded"]);
