@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod diffusion;
+pub mod gemm_bf16;
 pub mod image_io;
 pub mod model;
 pub mod ops;

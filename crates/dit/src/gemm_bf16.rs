@@ -1,0 +1,305 @@
+//! A bf16 GEMM for `Linear` layers on x86-64 CPUs with AVX512-BF16, the one op candle 0.11's
+//! CPU backend lacks for bf16 models.
+//!
+//! y (M x N) = x (M x K) W^T + b, bf16 inputs, f32 accumulation (`vdpbf16ps` multiplies pairs of
+//! bf16 along K and accumulates in f32). W is packed once, at load time, into panels of 32
+//! output columns with K interleaved in pairs, so the kernel streams it with plain loads.
+//! Other CPUs, devices and dtypes keep candle's matmul.
+
+use candle_core::{DType, Module, Result, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Output columns per packed panel (two 16-lane f32 accumulators).
+const NR: usize = 32;
+/// Rows per micro-kernel call: 12 x 2 accumulators + 2 weight vectors + 1 broadcast fit the
+/// 32 vector registers.
+const MR: usize = 12;
+/// K per cache block: a panel block (32 x 512 bf16 = 32 KiB) stays in L1/L2 across the rows.
+const KC: usize = 512;
+
+/// Whether this CPU has the instructions the kernel needs.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// W (N x K) packed as [panel][k pair][column 0..32][2], zero-padded to whole panels and pairs.
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    data: Vec<bf16>,
+    n: usize,
+    k: usize,
+    k_pairs: usize,
+}
+
+impl PackedWeight {
+    pub fn new(w: &Tensor) -> Result<Self> {
+        let (n, k) = w.dims2()?;
+        let w = w.to_dtype(DType::BF16)?.to_vec2::<bf16>()?;
+        let (panels, k_pairs) = (n.div_ceil(NR), k.div_ceil(2));
+        let mut data = vec![bf16::ZERO; panels * k_pairs * NR * 2];
+        for (col, row) in w.iter().enumerate() {
+            let (p, j) = (col / NR, col % NR);
+            for (kk, &v) in row.iter().enumerate() {
+                data[((p * k_pairs + kk / 2) * NR + j) * 2 + kk % 2] = v;
+            }
+        }
+        Ok(Self {
+            data,
+            n,
+            k,
+            k_pairs,
+        })
+    }
+}
+
+/// x (M x K, bf16, contiguous rows) times the packed W^T, plus bias, into bf16 (M x N).
+fn gemm(x: &[bf16], m: usize, w: &PackedWeight, bias: Option<&[f32]>) -> Vec<bf16> {
+    let (n, k, kp) = (w.n, w.k, w.k_pairs);
+    // x with K padded to even, so every pair is one aligned 32-bit broadcast.
+    let k2 = 2 * kp;
+    let xp: Vec<bf16> = if k2 == k {
+        x.to_vec()
+    } else {
+        x.chunks_exact(k)
+            .flat_map(|r| r.iter().copied().chain(std::iter::once(bf16::ZERO)))
+            .collect()
+    };
+    let mut out = vec![bf16::ZERO; m * n];
+    let dst = SharedOut(out.as_mut_ptr());
+    // One task per panel: all rows of its 32 columns, accumulated in an f32 tile.
+    (0..n.div_ceil(NR)).into_par_iter().for_each_init(
+        || vec![0f32; m * NR],
+        |c, p| {
+            c.iter_mut().for_each(|v| *v = 0.0);
+            let wp = &w.data[p * kp * NR * 2..(p + 1) * kp * NR * 2];
+            for k0 in (0..kp).step_by(KC / 2) {
+                let k1 = (k0 + KC / 2).min(kp);
+                for m0 in (0..m).step_by(MR) {
+                    let rows = MR.min(m - m0);
+                    // SAFETY: `Linear` packs only where `available()`; indices stay inside
+                    // xp (m x k2), wp (kp x NR x 2) and c (m x NR).
+                    unsafe {
+                        kernel(
+                            &xp[m0 * k2..],
+                            k2,
+                            &wp[k0 * NR * 2..],
+                            k0,
+                            k1,
+                            &mut c[m0 * NR..],
+                            rows,
+                        )
+                    };
+                }
+            }
+            let cols = NR.min(n - p * NR);
+            for (i, row) in c.chunks_exact(NR).enumerate() {
+                for (j, v) in row[..cols].iter().enumerate() {
+                    let col = p * NR + j;
+                    // SAFETY: columns p*NR.. of every row belong to this task only.
+                    unsafe {
+                        *dst.ptr().add(i * n + col) =
+                            bf16::from_f32(v + bias.map_or(0.0, |b| b[col]))
+                    };
+                }
+            }
+        },
+    );
+    out
+}
+
+/// A pointer that panel tasks share to write disjoint columns of the output.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut bf16);
+// SAFETY: every task writes only its own panel's columns.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn ptr(self) -> *mut bf16 {
+        self.0
+    }
+}
+
+/// C[R x 32] += x[R rows, pairs k0..k1] W-panel. R is a constant so the accumulators live in
+/// registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel_rows<const R: usize>(
+    x: &[bf16],
+    ldx: usize,
+    wp: &[bf16],
+    k0: usize,
+    k1: usize,
+    c: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for (i, a) in acc.iter_mut().enumerate() {
+        a[0] = _mm512_loadu_ps(c.as_ptr().add(i * NR));
+        a[1] = _mm512_loadu_ps(c.as_ptr().add(i * NR + 16));
+    }
+    let xp = x.as_ptr() as *const u32;
+    let mut wv = wp.as_ptr() as *const __m512i;
+    for kk in k0..k1 {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(wv));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(wv.add(1)));
+        wv = wv.add(2);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let pair = *xp.add(i * ldx / 2 + kk);
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+            a[0] = _mm512_dpbf16_ps(a[0], av, b0);
+            a[1] = _mm512_dpbf16_ps(a[1], av, b1);
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(c.as_mut_ptr().add(i * NR), a[0]);
+        _mm512_storeu_ps(c.as_mut_ptr().add(i * NR + 16), a[1]);
+    }
+}
+
+/// [`kernel_rows`] for any 1..=MR rows.
+#[cfg(target_arch = "x86_64")]
+unsafe fn kernel(
+    x: &[bf16],
+    ldx: usize,
+    wp: &[bf16],
+    k0: usize,
+    k1: usize,
+    c: &mut [f32],
+    rows: usize,
+) {
+    macro_rules! dispatch {
+        ($($r:literal)*) => {
+            match rows {
+                $($r => kernel_rows::<$r>(x, ldx, wp, k0, k1, c),)*
+                _ => unreachable!("at most MR rows"),
+            }
+        };
+    }
+    dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(_: &[bf16], _: usize, _: &[bf16], _: usize, _: usize, _: &mut [f32], _: usize) {
+    unreachable!("the bf16 kernel is only selected where `available()`")
+}
+
+/// A `Linear` layer that runs bf16 CPU inputs through the packed kernel (when the CPU has it)
+/// and everything else through candle.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    packed: Option<(PackedWeight, Option<Vec<f32>>)>,
+}
+
+impl Linear {
+    pub fn new(inner: candle_nn::Linear) -> Result<Self> {
+        let w = inner.weight();
+        let packed =
+            if w.device().is_cpu() && w.dtype() == DType::BF16 && !w.track_op() && available() {
+                let bias = inner
+                    .bias()
+                    .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+                    .transpose()?;
+                Some((PackedWeight::new(w)?, bias))
+            } else {
+                None
+            };
+        Ok(Self { inner, packed })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.packed {
+            Some((w, bias)) if x.dtype() == DType::BF16 && !x.track_op() => {
+                let dims = x.dims().to_vec();
+                let k = *dims.last().unwrap_or(&0);
+                let m = x.elem_count() / k.max(1);
+                let xs = x.flatten_all()?.to_vec1::<bf16>()?;
+                let y = gemm(&xs, m, w, bias.as_deref());
+                let mut shape = dims;
+                *shape.last_mut().expect("rank >= 1") = w.n;
+                Tensor::from_vec(y, shape, x.device())
+            }
+            _ => self.inner.forward(x),
+        }
+    }
+}
+
+/// `candle_nn::linear`, wrapped in [`Linear`].
+pub fn linear(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Result<Linear> {
+    Linear::new(candle_nn::linear(in_dim, out_dim, vb)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn bf16_linear_matches_f32_matmul_of_the_same_values() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for (m, k, n) in [(1, 2, 1), (13, 7, 33), (30, 1100, 70), (2, 64, 32)] {
+            let dev = Device::Cpu;
+            // Values exactly representable in bf16, so the only difference is accumulation order.
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let lin = Linear::new(candle_nn::Linear::new(w.clone(), Some(b.clone()))).unwrap();
+            assert!(lin.packed.is_some());
+            let got = lin.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
+            let (xf, wf, bf) = (
+                x.to_dtype(DType::F32).unwrap(),
+                w.to_dtype(DType::F32).unwrap(),
+                b.to_dtype(DType::F32).unwrap(),
+            );
+            let want = xf
+                .matmul(&wf.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bf)
+                .unwrap();
+            let err = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // The result is rounded to bf16 (8 bits of mantissa).
+            assert!(err <= scale * 1e-2, "({m}, {k}, {n}): err {err} of {scale}");
+        }
+    }
+}
