@@ -38,13 +38,13 @@ pub enum DTypeArg {
 }
 
 impl DTypeArg {
-    /// The compute dtype on `device`: bf16 needs a bf16 matmul, which candle 0.11's CPU backend
-    /// lacks, so it is refused there up front rather than failing mid-run.
+    /// The compute dtype on `device`. On the CPU, bf16 runs on our AVX512-BF16 kernel (candle 0.11
+    /// has no CPU bf16 matmul), so it is refused up front on CPUs without it.
     pub fn dtype_on(self, device: &Device) -> Result<DType> {
         match self {
             Self::F32 => Ok(DType::F32),
-            Self::Bf16 if device.is_cpu() => {
-                bail!("--dtype bf16 is not available on the CPU yet (candle 0.11 has no CPU bf16 matmul); use f32")
+            Self::Bf16 if device.is_cpu() && !dit::gemm_bf16::available() => {
+                bail!("--dtype bf16 on the CPU needs AVX512-BF16, which this CPU lacks; use f32")
             }
             Self::Bf16 => Ok(DType::BF16),
         }

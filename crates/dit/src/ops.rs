@@ -79,6 +79,10 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// qkv: (N, T, 3 * D) with q, k, v each split into `num_heads` heads of D / num_heads channels
 /// (the layout of timm's `Attention`); returns (N, T, D) with the heads concatenated.
 pub fn self_attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
+    if qkv.device().is_cpu() && qkv.dtype() == DType::BF16 && !qkv.track_op() {
+        // Attention is a small share of the work; run it in f32 (as autocast does for softmax).
+        return self_attention(&qkv.to_dtype(DType::F32)?, num_heads)?.to_dtype(DType::BF16);
+    }
     if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && !qkv.track_op() {
         qkv.contiguous()?
             .apply_op1_no_bwd(&FusedSelfAttention { num_heads })

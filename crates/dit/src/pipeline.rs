@@ -1,7 +1,7 @@
 //! Class-conditional sampling end to end, as the reference `sample.py`: noise, the respaced
 //! reverse chain with classifier-free guidance, final latents.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::diffusion::{sample_loop, GaussianDiffusion, Sampler};
 use crate::model::{DiT, GuidedChannels};
@@ -72,16 +72,18 @@ pub fn sample_latents(
         labels.len(),
         noise.device(),
     )?;
-    let noise = noise.to_dtype(model.dtype())?;
+    // The chain itself stays in f32 whatever the model's dtype (as under torch autocast).
+    let noise = noise.to_dtype(DType::F32)?;
     let guided = opts.cfg_scale > 1.0;
     let x0 = sample_loop(
         &diffusion,
         |x: &Tensor, t: &Tensor| {
-            if guided {
+            let out = if guided {
                 model.forward_with_cfg(x, t, &y, opts.cfg_scale, opts.cfg_channels)
             } else {
                 model.forward(x, t, &y)
-            }
+            };
+            out?.to_dtype(DType::F32)
         },
         noise,
         opts.sampler,

@@ -24,17 +24,19 @@ fn load(name: &str) -> HashMap<String, Tensor> {
 /// Relative L2 error ||a - b|| / ||b||.
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
+    let (a, b) = (
+        a.to_dtype(DType::F64).unwrap(),
+        b.to_dtype(DType::F64).unwrap(),
+    );
     let sq_sum = |t: Tensor| {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .sqr()
+        t.sqr()
             .unwrap()
             .sum_all()
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
     };
-    (sq_sum((a - b).unwrap()) / sq_sum(b.clone())).sqrt()
+    (sq_sum((&a - &b).unwrap()) / sq_sum(b)).sqrt()
 }
 
 fn labels(t: &Tensor) -> Vec<usize> {
@@ -117,6 +119,44 @@ fn thousand_class_256px_model_bare_state_dict() {
 #[test]
 fn ten_class_128px_model_trainpy_checkpoint_uses_ema() {
     check_model("dit_c10_128", 6, 25);
+}
+
+#[test]
+fn bf16_forward_and_sampling_stay_close_to_f32() {
+    if !dit::gemm_bf16::available() {
+        eprintln!("skipped: no AVX512-BF16 on this CPU");
+        return;
+    }
+    let f = load("dit_c1000_256.safetensors");
+    let tensors = checkpoint::read_tensors(&fixture("dit_c1000_256.pt")).unwrap();
+    let mut cfg = checkpoint::infer_config(&tensors, None).unwrap();
+    cfg.num_heads = 4;
+    let model = checkpoint::build_model(&cfg, tensors, DType::BF16, &Device::Cpu).unwrap();
+    let y = f["y"].to_dtype(DType::U32).unwrap();
+    let out = model.forward(&f["x"], &f["t"], &y).unwrap();
+    assert_eq!(out.dtype(), DType::BF16);
+    let e = rel_l2(&out, &f["out"]);
+    // bf16 keeps 8 bits of mantissa: ~0.4% per rounding; a wrong kernel is off by O(1).
+    eprintln!("bf16 forward rel L2 vs f32 reference: {e:.2e}");
+    assert!(e < 2e-2, "bf16 forward rel L2 {e}");
+    let opts = SampleOptions {
+        steps: 10,
+        sampler: Sampler::Ddim { eta: 0.0 },
+        cfg_scale: 4.0,
+        cfg_channels: GuidedChannels::Reference,
+    };
+    let x = sample_latents(
+        &model,
+        &labels(&f["labels"]),
+        f["noise"].clone(),
+        &opts,
+        &mut NoiseRng::new(0),
+        |_| {},
+    )
+    .unwrap();
+    let e = rel_l2(&x, &f["ddim10_cfg4"]);
+    eprintln!("bf16 10-step DDIM latents rel L2 vs f32 reference: {e:.2e}");
+    assert!(e < 2e-2, "bf16 DDIM rel L2 {e}");
 }
 
 #[test]

@@ -5,7 +5,9 @@
 //! block starts as the identity.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::gemm_bf16::{linear, Linear};
 
 /// LayerNorm without learned affine parameters (eps 1e-6); the adaLN modulation replaces them.
 #[derive(Debug, Clone)]
@@ -51,8 +53,8 @@ pub struct Attention {
 impl Attention {
     pub fn new(hidden: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            qkv: candle_nn::linear(hidden, 3 * hidden, vb.pp("qkv"))?,
-            proj: candle_nn::linear(hidden, hidden, vb.pp("proj"))?,
+            qkv: linear(hidden, 3 * hidden, vb.pp("qkv"))?,
+            proj: linear(hidden, hidden, vb.pp("proj"))?,
             num_heads,
         })
     }
@@ -75,8 +77,8 @@ pub struct Mlp {
 impl Mlp {
     pub fn new(hidden: usize, mlp_hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(hidden, mlp_hidden, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(mlp_hidden, hidden, vb.pp("fc2"))?,
+            fc1: linear(hidden, mlp_hidden, vb.pp("fc1"))?,
+            fc2: linear(mlp_hidden, hidden, vb.pp("fc2"))?,
         })
     }
 }
@@ -103,7 +105,7 @@ impl DiTBlock {
             norm: LayerNormNoAffine::new(hidden, vb.dtype(), vb.device())?,
             attn: Attention::new(hidden, num_heads, vb.pp("attn"))?,
             mlp: Mlp::new(hidden, mlp_hidden, vb.pp("mlp"))?,
-            ada_ln: candle_nn::linear(hidden, 6 * hidden, vb.pp("adaLN_modulation.1"))?,
+            ada_ln: linear(hidden, 6 * hidden, vb.pp("adaLN_modulation.1"))?,
         })
     }
 
@@ -136,8 +138,8 @@ impl FinalLayer {
     pub fn new(hidden: usize, patch: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: LayerNormNoAffine::new(hidden, vb.dtype(), vb.device())?,
-            ada_ln: candle_nn::linear(hidden, 2 * hidden, vb.pp("adaLN_modulation.1"))?,
-            linear: candle_nn::linear(hidden, patch * patch * out_channels, vb.pp("linear"))?,
+            ada_ln: linear(hidden, 2 * hidden, vb.pp("adaLN_modulation.1"))?,
+            linear: linear(hidden, patch * patch * out_channels, vb.pp("linear"))?,
         })
     }
 

@@ -2,7 +2,9 @@
 //! sin-cos positions.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+use crate::gemm_bf16::{linear, Linear};
 
 /// Patchify: a strided convolution turns (N, C, H, W) into (N, H/p * W/p, hidden) tokens,
 /// row-major over the patch grid.
@@ -24,7 +26,22 @@ impl PatchEmbed {
 
 impl Module for PatchEmbed {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.proj.forward(x)?; // (N, D, h, w)
+        let x = if x.device().is_cpu() && x.dtype() == DType::BF16 {
+            // candle's CPU convolution has no bf16 path; this one is small, run it in f32.
+            let w = self.proj.weight().to_dtype(DType::F32)?;
+            let b = self
+                .proj
+                .bias()
+                .expect("patch conv has a bias")
+                .to_dtype(DType::F32)?;
+            let (stride, pad) = (self.proj.config().stride, self.proj.config().padding);
+            x.to_dtype(DType::F32)?
+                .conv2d(&w, pad, stride, 1, 1)?
+                .broadcast_add(&b.reshape((1, (), 1, 1))?)?
+                .to_dtype(DType::BF16)?
+        } else {
+            self.proj.forward(x)? // (N, D, h, w)
+        };
         x.flatten_from(2)?.transpose(1, 2)?.contiguous()
     }
 }
@@ -63,8 +80,8 @@ impl TimestepEmbedder {
 
     pub fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("mlp");
-        let fc1 = candle_nn::linear(Self::FREQUENCY_DIM, hidden, vb.pp("0"))?;
-        let fc2 = candle_nn::linear(hidden, hidden, vb.pp("2"))?;
+        let fc1 = linear(Self::FREQUENCY_DIM, hidden, vb.pp("0"))?;
+        let fc2 = linear(hidden, hidden, vb.pp("2"))?;
         Ok(Self {
             fc1,
             fc2,
