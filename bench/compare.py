@@ -35,7 +35,10 @@ def torch_dit(name, image_size, batch, dtype, iters):
     x = torch.randn(batch, 4, cfg["latent"], cfg["latent"], dtype=dtype)
     t = torch.tensor([(i * 97) % 1000 for i in range(batch)], dtype=torch.float32)
     y = torch.tensor([(i * 131) % 1000 for i in range(batch)])
-    f = lambda: dit_forward(w, cfg, x, t, y).float().sum().item()  # noqa: E731
+    def f():
+        # bf16: weights and input in bf16, autocast for the ops written in f32 (timestep features).
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return dit_forward(w, cfg, x, t, y).float().sum().item()
     return timed(f, iters)
 
 

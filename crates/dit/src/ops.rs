@@ -393,6 +393,212 @@ pub fn group_norm(
     Tensor::from_vec(out, x.shape(), x.device())
 }
 
+/// Element types the fused element-wise kernels read and write (computing in f32).
+trait Elem: Copy + Send + Sync + 'static {
+    fn get(self) -> f32;
+    fn put(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    fn get(self) -> f32 {
+        self
+    }
+    fn put(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for half::bf16 {
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    fn put(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+/// The contiguous slice of a CPU storage of element type T.
+fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("expected a contiguous tensor".into()))?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// Row-wise kernel over x (N, T, D) with per-sample vectors u, v (N, D): `f(x_row, u_row, v_row,
+/// out_row)`; rows in parallel.
+fn rows_op<T: Elem + candle_core::WithDType>(
+    x: &[T],
+    u: &[T],
+    v: &[T],
+    d: usize,
+    t: usize,
+    f: impl Fn(&[T], &[T], &[T], &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::put(0.0); x.len()];
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .enumerate()
+        .for_each(|(r, (o, xr))| {
+            let nn = r / t;
+            f(xr, &u[nn * d..(nn + 1) * d], &v[nn * d..(nn + 1) * d], o)
+        });
+    out
+}
+
+/// LayerNorm without affine (eps 1e-6) then adaLN modulation, x * (1 + scale) + shift, in one
+/// pass: x (N, T, D), shift and scale (N, D).
+pub fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let fused = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && x.dtype() == shift.dtype()
+        && x.dtype() == scale.dtype()
+        && !(x.track_op() || shift.track_op() || scale.track_op());
+    if !fused {
+        let d = x.dim(D::Minus1)?;
+        let (ones, zeros) = (
+            Tensor::ones(d, x.dtype(), x.device())?,
+            Tensor::zeros(d, x.dtype(), x.device())?,
+        );
+        let y = candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)?;
+        return y
+            .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+            .broadcast_add(&shift.unsqueeze(1)?);
+    }
+    x.contiguous()?.apply_op3_no_bwd(
+        &shift.contiguous()?,
+        &scale.contiguous()?,
+        &ModulatedLayerNorm,
+    )
+}
+
+struct ModulatedLayerNorm;
+
+fn modulated_ln_rows<T: Elem + candle_core::WithDType>(
+    x: &[T],
+    shift: &[T],
+    scale: &[T],
+    d: usize,
+    t: usize,
+) -> Vec<T> {
+    rows_op(x, shift, scale, d, t, |xr, sh, sc, o| {
+        let mean = xr.iter().map(|v| v.get()).sum::<f32>() / d as f32;
+        let var = xr.iter().map(|v| (v.get() - mean).powi(2)).sum::<f32>() / d as f32;
+        let inv = 1.0 / (var + 1e-6).sqrt();
+        for j in 0..d {
+            o[j] = T::put((xr[j].get() - mean) * inv * (1.0 + sc[j].get()) + sh[j].get());
+        }
+    })
+}
+
+impl candle_core::CustomOp3 for ModulatedLayerNorm {
+    fn name(&self) -> &'static str {
+        "modulated-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, t, d) = l1.shape().dims3()?;
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(modulated_ln_rows(
+                cpu_slice(s1, l1)?,
+                cpu_slice(s2, l2)?,
+                cpu_slice(s3, l3)?,
+                d,
+                t,
+            )),
+            CpuStorage::BF16(_) => CpuStorage::BF16(modulated_ln_rows(
+                cpu_slice(s1, l1)?,
+                cpu_slice(s2, l2)?,
+                cpu_slice(s3, l3)?,
+                d,
+                t,
+            )),
+            _ => candle_core::bail!("modulated layer norm: f32 or bf16 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// The gated residual of adaLN-Zero, x + gate * h, in one pass: x, h (N, T, D), gate (N, D).
+pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> Result<Tensor> {
+    let fused = x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && x.dtype() == gate.dtype()
+        && x.dtype() == h.dtype()
+        && !(x.track_op() || gate.track_op() || h.track_op());
+    if !fused {
+        return x + h.broadcast_mul(&gate.unsqueeze(1)?)?;
+    }
+    x.contiguous()?
+        .apply_op3_no_bwd(&gate.contiguous()?, &h.contiguous()?, &GatedResidual)
+}
+
+struct GatedResidual;
+
+fn gated_rows<T: Elem + candle_core::WithDType>(
+    x: &[T],
+    gate: &[T],
+    h: &[T],
+    d: usize,
+    t: usize,
+) -> Vec<T> {
+    let mut out = vec![T::put(0.0); x.len()];
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(h.par_chunks(d)))
+        .enumerate()
+        .for_each(|(r, (o, (xr, hr)))| {
+            let g = &gate[(r / t) * d..(r / t + 1) * d];
+            for j in 0..d {
+                o[j] = T::put(xr[j].get() + g[j].get() * hr[j].get());
+            }
+        });
+    out
+}
+
+impl candle_core::CustomOp3 for GatedResidual {
+    fn name(&self) -> &'static str {
+        "gated-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, t, d) = l1.shape().dims3()?;
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(gated_rows(
+                cpu_slice(s1, l1)?,
+                cpu_slice(s2, l2)?,
+                cpu_slice(s3, l3)?,
+                d,
+                t,
+            )),
+            CpuStorage::BF16(_) => CpuStorage::BF16(gated_rows(
+                cpu_slice(s1, l1)?,
+                cpu_slice(s2, l2)?,
+                cpu_slice(s3, l3)?,
+                d,
+                t,
+            )),
+            _ => candle_core::bail!("gated residual: f32 or bf16 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +642,36 @@ mod tests {
             let diff = max_abs_diff(&ours, &theirs);
             assert!(diff < 1e-4, "{n} {ci} {co} {h} {w}: {diff}");
         }
+    }
+
+    #[test]
+    fn fused_adaln_ops_match_candle_ops() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (2, 5, 16), &dev).unwrap();
+        let (a, b) = (
+            Tensor::randn(0f32, 1.0, (2, 16), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (2, 16), &dev).unwrap(),
+        );
+        let h = Tensor::randn(0f32, 1.0, (2, 5, 16), &dev).unwrap();
+        let (ones, zeros) = (
+            Tensor::ones(16, DType::F32, &dev).unwrap(),
+            Tensor::zeros(16, DType::F32, &dev).unwrap(),
+        );
+        let ln = candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-6).unwrap();
+        let want = ln
+            .broadcast_mul(&(b.unsqueeze(1).unwrap() + 1.0).unwrap())
+            .unwrap()
+            .broadcast_add(&a.unsqueeze(1).unwrap())
+            .unwrap();
+        assert!(max_abs_diff(&modulated_layer_norm(&x, &a, &b).unwrap(), &want) < 1e-5);
+        let want = (&x + h.broadcast_mul(&a.unsqueeze(1).unwrap()).unwrap()).unwrap();
+        assert!(max_abs_diff(&gated_residual(&x, &a, &h).unwrap(), &want) < 1e-6);
+        // bf16 in, bf16 out, close to the f32 result.
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let got = modulated_layer_norm(&bf(&x), &bf(&a), &bf(&b)).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let want = modulated_layer_norm(&x, &a, &b).unwrap();
+        assert!(max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want) < 0.1);
     }
 
     #[test]

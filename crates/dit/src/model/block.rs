@@ -4,38 +4,13 @@
 //! and a gate for each of the two residual branches. The gates are zero-initialised, so every
 //! block starts as the identity.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::gemm_bf16::{linear, Linear};
-
-/// LayerNorm without learned affine parameters (eps 1e-6); the adaLN modulation replaces them.
-#[derive(Debug, Clone)]
-pub struct LayerNormNoAffine {
-    ones: Tensor,
-    zeros: Tensor,
-}
-
-impl LayerNormNoAffine {
-    pub fn new(dim: usize, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(Self {
-            ones: Tensor::ones(dim, dtype, device)?,
-            zeros: Tensor::zeros(dim, dtype, device)?,
-        })
-    }
-}
-
-impl Module for LayerNormNoAffine {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.ones, &self.zeros, 1e-6)
-    }
-}
-
-/// modulate(x, shift, scale) = x * (1 + scale) + shift, with (N, D) shift/scale over (N, T, D).
-pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)
-}
+// norm_modulate(x, shift, scale) = LayerNorm(x) * (1 + scale) + shift (no affine, eps 1e-6),
+// the adaLN of the paper, fused into one pass.
+use crate::ops::{gated_residual, modulated_layer_norm as norm_modulate};
 
 /// SiLU then Linear from c to `n` chunks of `hidden` (`adaLN_modulation.1`).
 fn ada_ln_chunks(linear: &Linear, c: &Tensor, n: usize) -> Result<Vec<Tensor>> {
@@ -93,7 +68,6 @@ impl Module for Mlp {
 /// One DiT block with adaLN-Zero conditioning.
 #[derive(Debug, Clone)]
 pub struct DiTBlock {
-    norm: LayerNormNoAffine,
     attn: Attention,
     mlp: Mlp,
     ada_ln: Linear,
@@ -102,7 +76,6 @@ pub struct DiTBlock {
 impl DiTBlock {
     pub fn new(hidden: usize, num_heads: usize, mlp_hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            norm: LayerNormNoAffine::new(hidden, vb.dtype(), vb.device())?,
             attn: Attention::new(hidden, num_heads, vb.pp("attn"))?,
             mlp: Mlp::new(hidden, mlp_hidden, vb.pp("mlp"))?,
             ada_ln: linear(hidden, 6 * hidden, vb.pp("adaLN_modulation.1"))?,
@@ -115,21 +88,21 @@ impl DiTBlock {
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
 
+        // x + gate * attn(modulate(norm(x))), then the same with the MLP.
         let h = self
             .attn
-            .forward(&modulate(&self.norm.forward(x)?, shift_msa, scale_msa)?)?;
-        let x = (x + h.broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
+            .forward(&norm_modulate(x, shift_msa, scale_msa)?)?;
+        let x = gated_residual(x, gate_msa, &h)?;
         let h = self
             .mlp
-            .forward(&modulate(&self.norm.forward(&x)?, shift_mlp, scale_mlp)?)?;
-        x + h.broadcast_mul(&gate_mlp.unsqueeze(1)?)?
+            .forward(&norm_modulate(&x, shift_mlp, scale_mlp)?)?;
+        gated_residual(&x, gate_mlp, &h)
     }
 }
 
 /// The final layer: adaLN (shift, scale; no gate), then a linear to p*p*out_channels per token.
 #[derive(Debug, Clone)]
 pub struct FinalLayer {
-    norm: LayerNormNoAffine,
     ada_ln: Linear,
     linear: Linear,
 }
@@ -137,7 +110,6 @@ pub struct FinalLayer {
 impl FinalLayer {
     pub fn new(hidden: usize, patch: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            norm: LayerNormNoAffine::new(hidden, vb.dtype(), vb.device())?,
             ada_ln: linear(hidden, 2 * hidden, vb.pp("adaLN_modulation.1"))?,
             linear: linear(hidden, patch * patch * out_channels, vb.pp("linear"))?,
         })
@@ -145,7 +117,6 @@ impl FinalLayer {
 
     pub fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
         let m = ada_ln_chunks(&self.ada_ln, c, 2)?;
-        self.linear
-            .forward(&modulate(&self.norm.forward(x)?, &m[0], &m[1])?)
+        self.linear.forward(&norm_modulate(x, &m[0], &m[1])?)
     }
 }
