@@ -449,12 +449,7 @@ fn rows_op<T: Elem + candle_core::WithDType>(
 /// LayerNorm without affine (eps 1e-6) then adaLN modulation, x * (1 + scale) + shift, in one
 /// pass: x (N, T, D), shift and scale (N, D).
 pub fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    let fused = x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && x.dtype() == shift.dtype()
-        && x.dtype() == scale.dtype()
-        && !(x.track_op() || shift.track_op() || scale.track_op());
-    if !fused {
+    if !fusable(&[x, shift, scale]) {
         let d = x.dim(D::Minus1)?;
         let (ones, zeros) = (
             Tensor::ones(d, x.dtype(), x.device())?,
@@ -468,11 +463,13 @@ pub fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Resul
     x.contiguous()?.apply_op3_no_bwd(
         &shift.contiguous()?,
         &scale.contiguous()?,
-        &ModulatedLayerNorm,
+        &RowWise3 {
+            name: "modulated-layer-norm",
+            f32: modulated_ln_rows,
+            bf16: modulated_ln_rows,
+        },
     )
 }
-
-struct ModulatedLayerNorm;
 
 fn modulated_ln_rows<T: Elem + candle_core::WithDType>(
     x: &[T],
@@ -491,57 +488,21 @@ fn modulated_ln_rows<T: Elem + candle_core::WithDType>(
     })
 }
 
-impl candle_core::CustomOp3 for ModulatedLayerNorm {
-    fn name(&self) -> &'static str {
-        "modulated-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, t, d) = l1.shape().dims3()?;
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(modulated_ln_rows(
-                cpu_slice(s1, l1)?,
-                cpu_slice(s2, l2)?,
-                cpu_slice(s3, l3)?,
-                d,
-                t,
-            )),
-            CpuStorage::BF16(_) => CpuStorage::BF16(modulated_ln_rows(
-                cpu_slice(s1, l1)?,
-                cpu_slice(s2, l2)?,
-                cpu_slice(s3, l3)?,
-                d,
-                t,
-            )),
-            _ => candle_core::bail!("modulated layer norm: f32 or bf16 only"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-}
-
 /// The gated residual of adaLN-Zero, x + gate * h, in one pass: x, h (N, T, D), gate (N, D).
 pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> Result<Tensor> {
-    let fused = x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && x.dtype() == gate.dtype()
-        && x.dtype() == h.dtype()
-        && !(x.track_op() || gate.track_op() || h.track_op());
-    if !fused {
+    if !fusable(&[x, gate, h]) {
         return x + h.broadcast_mul(&gate.unsqueeze(1)?)?;
     }
-    x.contiguous()?
-        .apply_op3_no_bwd(&gate.contiguous()?, &h.contiguous()?, &GatedResidual)
+    x.contiguous()?.apply_op3_no_bwd(
+        &gate.contiguous()?,
+        &h.contiguous()?,
+        &RowWise3 {
+            name: "gated-residual",
+            f32: gated_rows,
+            bf16: gated_rows,
+        },
+    )
 }
-
-struct GatedResidual;
 
 fn gated_rows<T: Elem + candle_core::WithDType>(
     x: &[T],
@@ -563,9 +524,20 @@ fn gated_rows<T: Elem + candle_core::WithDType>(
     out
 }
 
-impl candle_core::CustomOp3 for GatedResidual {
+/// A fused row-wise op of three same-dtype CPU tensors (x, per-sample u, per-sample v or
+/// per-row h), with one kernel per element type.
+struct RowWise3 {
+    name: &'static str,
+    f32: RowKernel<f32>,
+    bf16: RowKernel<half::bf16>,
+}
+
+/// (x, u, v, row length d, rows per sample t) -> output.
+type RowKernel<T> = fn(&[T], &[T], &[T], usize, usize) -> Vec<T>;
+
+impl candle_core::CustomOp3 for RowWise3 {
     fn name(&self) -> &'static str {
-        "gated-residual"
+        self.name
     }
 
     fn cpu_fwd(
@@ -579,24 +551,32 @@ impl candle_core::CustomOp3 for GatedResidual {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, t, d) = l1.shape().dims3()?;
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(gated_rows(
+            CpuStorage::F32(_) => CpuStorage::F32((self.f32)(
                 cpu_slice(s1, l1)?,
                 cpu_slice(s2, l2)?,
                 cpu_slice(s3, l3)?,
                 d,
                 t,
             )),
-            CpuStorage::BF16(_) => CpuStorage::BF16(gated_rows(
+            CpuStorage::BF16(_) => CpuStorage::BF16((self.bf16)(
                 cpu_slice(s1, l1)?,
                 cpu_slice(s2, l2)?,
                 cpu_slice(s3, l3)?,
                 d,
                 t,
             )),
-            _ => candle_core::bail!("gated residual: f32 or bf16 only"),
+            _ => candle_core::bail!("{}: f32 or bf16 only", self.name),
         };
         Ok((out, l1.shape().clone()))
     }
+}
+
+/// Whether the fused CPU element-wise kernels apply: CPU, one dtype (f32 or bf16), no gradients.
+fn fusable(ts: &[&Tensor]) -> bool {
+    let x = ts[0];
+    x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && ts.iter().all(|t| t.dtype() == x.dtype() && !t.track_op())
 }
 
 #[cfg(test)]
