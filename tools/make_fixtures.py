@@ -193,6 +193,38 @@ class Diffusion:
         return x0 * torch.sqrt(abp) + torch.sqrt(1 - abp) * eps
 
 
+def loss_fixture(gen):
+    """The hybrid loss (MSE on eps + VB term with a frozen mean) on random data, 1000 steps."""
+    d = Diffusion(1000)
+    n, C = 5, 4
+    x0 = (torch.randn(n, C, 8, 8, generator=gen) * 0.8).clamp(-1, 1)  # some pixels at the edges
+    noise = torch.randn(n, C, 8, 8, generator=gen)
+    t = [0, 1, 17, 500, 999]
+    eps = torch.randn(n, C, 8, 8, generator=gen)
+    v = torch.tanh(torch.randn(n, C, 8, 8, generator=gen))
+    ex = lambda arr: torch.tensor([float(arr[i]) for i in t], dtype=torch.float32).view(n, 1, 1, 1)  # noqa: E731
+    xt = ex(np.sqrt(d.acp)) * x0 + ex(np.sqrt(1 - d.acp)) * noise
+    # model's p(x_{t-1} | x_t)
+    frac = (v + 1) / 2
+    logvar = frac * ex(np.log(d.betas)) + (1 - frac) * ex(d.post_logvar)
+    px0 = ex(np.sqrt(1 / d.acp)) * xt - ex(np.sqrt(1 / d.acp - 1)) * eps
+    mean = ex(d.c1) * px0 + ex(d.c2) * xt
+    true_mean = ex(d.c1) * x0 + ex(d.c2) * xt
+    true_logvar = ex(d.post_logvar)
+    kl = 0.5 * (-1.0 + logvar - true_logvar + torch.exp(true_logvar - logvar) + (true_mean - mean) ** 2 * torch.exp(-logvar))
+    kl = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+    cdf = lambda z: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))  # noqa: E731
+    inv = torch.exp(-0.5 * logvar)
+    cp, cm = cdf(inv * (x0 - mean + 1 / 255)), cdf(inv * (x0 - mean - 1 / 255))
+    lp = torch.where(x0 < -0.999, cp.clamp(min=1e-12).log(),
+                     torch.where(x0 > 0.999, (1 - cm).clamp(min=1e-12).log(), (cp - cm).clamp(min=1e-12).log()))
+    nll = -lp.mean(dim=(1, 2, 3)) / math.log(2.0)
+    vb = torch.where(torch.tensor(t) == 0, nll, kl)
+    mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+    save_file({"x0": x0, "noise": noise, "t": torch.tensor(t, dtype=torch.int64), "model_out": torch.cat([eps, v], 1),
+               "x_t": xt.contiguous(), "mse": mse, "vb": vb, "loss": mse + vb}, os.path.join(OUT, "losses.safetensors"))
+
+
 def ddim_sample(w, cfg, noise, y, steps, scale):
     d = Diffusion(steps)
     x = noise.clone()
@@ -269,6 +301,7 @@ if __name__ == "__main__":
     model_fixtures("dit_c10_128", dict(depth=3, hidden=96, heads=6, patch=4, in_channels=4, out_channels=8,
                                        classes=10, latent=16, steps=25), "trainpy", gen)
     vae_fixture(gen)
+    loss_fixture(gen)
     # Respacing of the reference sampler's 250 and 50 steps.
     save_file({f"map{s}": torch.tensor(Diffusion(s).map, dtype=torch.int64) for s in (250, 50, 27)}
               | {f"betas{s}": torch.tensor(Diffusion(s).betas) for s in (250, 50, 27)},

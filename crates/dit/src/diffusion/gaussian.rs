@@ -242,4 +242,106 @@ impl GaussianDiffusion {
         }
         mean + (noise * sigma)?
     }
+
+    /// The reference's hybrid training loss (IDDPM `training_losses` with a learned-range
+    /// variance and plain MSE): per sample, mse = mean (eps - eps_theta)^2, plus the variational
+    /// bound term in bits per dimension computed with the predicted mean frozen (so it trains only
+    /// the variance): KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the discretised
+    /// Gaussian decoder NLL at t = 0. `model_out` is the model's output at `x_t`.
+    pub fn training_losses(
+        &self,
+        model_out: &Tensor,
+        x_start: &Tensor,
+        x_t: &Tensor,
+        noise: &Tensor,
+        ts: &[usize],
+    ) -> Result<LossTerms> {
+        let c = x_t.dim(1)?;
+        let eps = model_out.narrow(1, 0, c)?;
+        let mse = mean_flat(&(noise - &eps)?.sqr()?)?;
+        if model_out.dim(1)? != 2 * c {
+            return Ok(LossTerms {
+                loss: mse.clone(),
+                mse,
+                vb: None,
+            });
+        }
+        // Stop-gradient on the mean: the VB term only shapes the variance.
+        let frozen = Tensor::cat(&[eps.detach(), model_out.narrow(1, c, c)?], 1)?;
+        let p = self.p_mean_variance(&frozen, x_t, ts)?;
+        let (true_mean, _, true_log_var) = self.q_posterior(x_start, x_t, ts)?;
+        let ln2 = std::f64::consts::LN_2;
+        let kl = (mean_flat(&normal_kl(
+            &true_mean,
+            &true_log_var,
+            &p.mean,
+            &p.log_variance,
+        )?)? / ln2)?;
+        let nll = (mean_flat(&discretized_gaussian_log_likelihood(
+            x_start,
+            &p.mean,
+            &(&p.log_variance * 0.5)?,
+        )?)? / (-ln2))?;
+        let at_zero: Vec<u8> = ts.iter().map(|&t| u8::from(t == 0)).collect();
+        let at_zero = Tensor::from_vec(at_zero, ts.len(), x_t.device())?;
+        let vb = at_zero.where_cond(&nll, &kl)?;
+        Ok(LossTerms {
+            loss: (&mse + &vb)?,
+            mse,
+            vb: Some(vb),
+        })
+    }
+}
+
+/// Per-sample loss terms, each (N,).
+#[derive(Debug, Clone)]
+pub struct LossTerms {
+    pub loss: Tensor,
+    pub mse: Tensor,
+    /// The variational-bound term (bits per dimension); None for fixed-variance models.
+    pub vb: Option<Tensor>,
+}
+
+/// Mean over every dimension but the batch.
+fn mean_flat(x: &Tensor) -> Result<Tensor> {
+    x.flatten_from(1)?.mean(1)
+}
+
+/// KL divergence between two diagonal Gaussians given means and log variances, element-wise.
+pub fn normal_kl(
+    mean1: &Tensor,
+    logvar1: &Tensor,
+    mean2: &Tensor,
+    logvar2: &Tensor,
+) -> Result<Tensor> {
+    // 0.5 (-1 + logvar2 - logvar1 + exp(logvar1 - logvar2) + (mean1 - mean2)^2 exp(-logvar2))
+    let t = ((logvar2 - logvar1)? + (logvar1 - logvar2)?.exp()?)?;
+    let t = (t + (mean1 - mean2)?.sqr()?.mul(&logvar2.neg()?.exp()?)?)?;
+    (t - 1.0)? * 0.5
+}
+
+/// A fast approximation of the standard normal CDF (the one IDDPM uses).
+fn approx_standard_normal_cdf(x: &Tensor) -> Result<Tensor> {
+    let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * (2.0 / std::f64::consts::PI).sqrt())?;
+    (inner.tanh()? + 1.0)? * 0.5
+}
+
+/// Log-likelihood of images in [-1, 1] quantised to 256 bins under N(means, exp(log_scales)^2),
+/// element-wise; the edge bins take the whole tails.
+pub fn discretized_gaussian_log_likelihood(
+    x: &Tensor,
+    means: &Tensor,
+    log_scales: &Tensor,
+) -> Result<Tensor> {
+    let centered = (x - means)?;
+    let inv_std = log_scales.neg()?.exp()?;
+    let cdf_plus = approx_standard_normal_cdf(&((&centered + 1.0 / 255.0)? * &inv_std)?)?;
+    let cdf_min = approx_standard_normal_cdf(&((&centered - 1.0 / 255.0)? * &inv_std)?)?;
+    let log_cdf_plus = cdf_plus.clamp(1e-12, f64::INFINITY)?.log()?;
+    let log_one_minus_cdf_min = (1.0 - &cdf_min)?.clamp(1e-12, f64::INFINITY)?.log()?;
+    let log_cdf_delta = (&cdf_plus - &cdf_min)?.clamp(1e-12, f64::INFINITY)?.log()?;
+    let upper = x
+        .gt(0.999)?
+        .where_cond(&log_one_minus_cdf_min, &log_cdf_delta)?;
+    x.lt(-0.999)?.where_cond(&log_cdf_plus, &upper)
 }

@@ -4,6 +4,6 @@ pub mod gaussian;
 pub mod sampler;
 pub mod schedule;
 
-pub use gaussian::{GaussianDiffusion, MeanVariance};
+pub use gaussian::{GaussianDiffusion, LossTerms, MeanVariance};
 pub use sampler::{sample_loop, Sampler};
 pub use schedule::{linear_betas, respace_betas, space_timesteps};
