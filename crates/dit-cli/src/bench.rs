@@ -102,7 +102,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         )?;
         let l = a.image_size / 8;
         let z = Tensor::randn(0f32, 1.0, (1, 4, l, l), &dev)?.to_dtype(dtype)?;
-        let s = time(a.iters.min(2), || {
+        let s = time(a.iters, || {
             vae.decode(&z)?
                 .to_dtype(DType::F32)?
                 .sum_all()?
