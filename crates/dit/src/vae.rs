@@ -401,8 +401,8 @@ impl Coder {
                 h = r.forward(&h)?;
             }
             if let Some(up) = &s.resample {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = up.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+                // Nearest x2 then the conv, fused (see `ops::upsample2x_conv3x3`).
+                h = ops::upsample2x_conv3x3(&h, &up.weight, Some(&up.bias))?;
             }
         }
         self.conv_out.forward(&self.norm_out.forward(&h, true)?)
