@@ -10,6 +10,8 @@ use candle_core::{DType, Module, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::ops::SharedOut;
+
 /// Output columns per packed panel (two 16-lane f32 accumulators).
 const NR: usize = 32;
 /// Rows per micro-kernel call: 12 x 2 accumulators + 2 weight vectors + 1 broadcast fit the
@@ -113,19 +115,6 @@ fn gemm(x: &[bf16], m: usize, w: &PackedWeight, bias: Option<&[f32]>) -> Vec<bf1
         },
     );
     out
-}
-
-/// A pointer that panel tasks share to write disjoint columns of the output.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut bf16);
-// SAFETY: every task writes only its own panel's columns.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn ptr(self) -> *mut bf16 {
-        self.0
-    }
 }
 
 /// C[R x 32] += x[R rows, pairs k0..k1] W-panel. R is a constant so the accumulators live in

@@ -110,16 +110,17 @@ struct FusedSelfAttention {
     num_heads: usize,
 }
 
-/// A pointer that parallel tasks share to write disjoint parts of one buffer.
+/// A pointer that parallel tasks share to write disjoint parts of one buffer. Whoever creates
+/// one must make every task write a disjoint set of elements.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every task writes a disjoint set of elements (its own head of its own sample).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
+pub(crate) struct SharedOut<T>(pub(crate) *mut T);
+// SAFETY: tasks write disjoint elements (the creator's obligation, see above).
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
 
-impl SharedOut {
+impl<T> SharedOut<T> {
     /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw field.
-    fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut T {
         self.0
     }
 }
