@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod diffusion;
 pub mod gemm_bf16;
 pub mod image_io;

@@ -247,3 +247,44 @@ fn hybrid_training_loss_matches_the_reference_terms() {
         "no VB gradient on the variance"
     );
 }
+
+#[test]
+fn builtin_mnist_holds_the_source_digits() {
+    let digits = dit::data::mnist_u8().unwrap();
+    assert_eq!(digits.len(), 10_000);
+    // First and last digit of each class, written from the package's JSON by tools/build_mnist.py.
+    let want = Tensor::read_npy(fixture("mnist_first_last.npy")).unwrap();
+    assert_eq!(want.dims(), [10, 2, 28, 28]);
+    let want = want.to_dtype(DType::U32).unwrap().flatten_from(2).unwrap();
+    for label in 0..10 {
+        let of_class: Vec<&Vec<u8>> = digits
+            .iter()
+            .filter(|(l, _)| *l == label)
+            .map(|(_, d)| d)
+            .collect();
+        assert!(of_class.len() > 800, "class {label}: {}", of_class.len());
+        for (k, d) in [of_class[0], of_class[of_class.len() - 1]]
+            .into_iter()
+            .enumerate()
+        {
+            let w: Vec<u8> = want
+                .get(label)
+                .unwrap()
+                .get(k)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap()
+                .iter()
+                .map(|&v| v as u8)
+                .collect();
+            assert_eq!(d, &w, "class {label} digit {k}");
+        }
+    }
+    let set = dit::data::mnist(&Device::Cpu).unwrap();
+    assert_eq!(set.images.dims(), [10_000, 1, 28, 28]);
+    let (lo, hi) = (
+        set.images.min_all().unwrap().to_scalar::<f32>().unwrap(),
+        set.images.max_all().unwrap().to_scalar::<f32>().unwrap(),
+    );
+    assert_eq!((lo, hi), (-1.0, 1.0));
+}
