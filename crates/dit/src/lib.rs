@@ -18,6 +18,7 @@ pub mod model;
 pub mod ops;
 pub mod pipeline;
 pub mod rng;
+pub mod train;
 pub mod vae;
 
 pub use config::DiTConfig;

@@ -21,6 +21,20 @@ impl NoiseRng {
         Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
     }
 
+    /// Uniform [0, 1) noise of `like`'s shape, dtype and device.
+    pub fn uniform_like(&mut self, like: &Tensor) -> Result<Tensor> {
+        let v: Vec<f32> = (0..like.elem_count())
+            .map(|_| self.uniform() as f32)
+            .collect();
+        Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
+    }
+
+    /// A uniform draw in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        use rand::Rng;
+        self.0.random::<f64>()
+    }
+
     /// Uniform integers in `0..n`.
     pub fn below(&mut self, n: usize) -> usize {
         use rand::Rng;
