@@ -21,6 +21,18 @@ impl NoiseRng {
         Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
     }
 
+    /// The stream's position, to save in a checkpoint: (seed, word position).
+    pub fn state(&self) -> ([u8; 32], u128) {
+        (self.0.get_seed(), self.0.get_word_pos())
+    }
+
+    /// A stream restored from [`Self::state`].
+    pub fn from_state(seed: [u8; 32], word_pos: u128) -> Self {
+        let mut r = rand_chacha::ChaCha8Rng::from_seed(seed);
+        r.set_word_pos(word_pos);
+        Self(r)
+    }
+
     /// Uniform [0, 1) noise of `like`'s shape, dtype and device.
     pub fn uniform_like(&mut self, like: &Tensor) -> Result<Tensor> {
         let v: Vec<f32> = (0..like.elem_count())
