@@ -2,6 +2,7 @@
 
 mod bench;
 mod sample;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,8 @@ enum Command {
     },
     /// Time the forward pass (and the VAE decode) of our implementation.
     Bench(bench::BenchArgs),
+    /// Train a DiT on the built-in MNIST digits (checkpoints, JSONL log, resume).
+    Train(Box<train::TrainArgs>),
 }
 
 fn main() {
@@ -42,6 +45,7 @@ fn main() {
         Command::Sample(args) => sample::run(*args),
         Command::Convert { input, output } => convert(&input, &output),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(*args),
     };
     if let Err(e) = result {
         // One clear line, no backtrace: bad input is not a crash.

@@ -150,10 +150,17 @@ fn load_model(a: &SampleArgs, dtype: DType, device: &Device) -> Result<DiT> {
         eprintln!("note: no --ckpt given: sampling the embedded default, an UNTRAINED random-weight pixel-space DiT (10 classes, 32x32); expect noise-like images");
         return embedded_default(dtype, device);
     };
-    let tensors = checkpoint::read_tensors(ckpt)?;
-    let mut cfg = match &a.model {
-        Some(name) => DiTConfig::named(name, a.image_size.unwrap_or(256))?,
-        None => checkpoint::infer_config(&tensors, latent)?,
+    // A folder is a `dit train` checkpoint: its own config and EMA weights.
+    let (tensors, trained_cfg) = if ckpt.is_dir() {
+        let (cfg, t) = checkpoint::read_training_dir(ckpt)?;
+        (t, Some(cfg))
+    } else {
+        (checkpoint::read_tensors(ckpt)?, None)
+    };
+    let mut cfg = match (&a.model, trained_cfg) {
+        (Some(name), _) => DiTConfig::named(name, a.image_size.unwrap_or(256))?,
+        (None, Some(cfg)) => cfg,
+        (None, None) => checkpoint::infer_config(&tensors, latent)?,
     };
     if let Some(k) = a.num_classes {
         cfg.num_classes = k;

@@ -176,6 +176,82 @@ fn latent_model_decodes_through_a_diffusers_vae_folder() {
 }
 
 #[test]
+fn train_logs_checkpoints_resumes_and_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let tiny = [
+        "--batch-size",
+        "4",
+        "--depth",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--patch",
+        "4",
+        "--log-every",
+        "2",
+        "--ckpt-every",
+        "3",
+        "--keep",
+        "2",
+    ];
+    let mut args = vec!["train", "--out", p(&out), "--steps", "6"];
+    args.extend_from_slice(&tiny);
+    succeeds(&dit(&args));
+    let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [2, 4, 6]
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l["loss"].as_f64().unwrap().is_finite()
+            && l["images_per_s"].as_f64().unwrap() > 0.0));
+    // Checkpoints at 3 and 6, both kept; resuming from 6 continues to 9 and prunes 3.
+    assert!(
+        out.join("step-0000003/state.json").is_file()
+            && out.join("step-0000006/weights.safetensors").is_file()
+    );
+    let resume = out.join("step-0000006");
+    let mut args = vec![
+        "train",
+        "--out",
+        p(&out),
+        "--steps",
+        "9",
+        "--resume",
+        p(&resume),
+    ];
+    args.extend_from_slice(&tiny);
+    succeeds(&dit(&args));
+    assert!(out.join("step-0000009").is_dir() && !out.join("step-0000003").exists());
+    // The checkpoint samples (EMA weights, its own config): 28x28 digits, a grid of two.
+    let png = dir.path().join("s.png");
+    succeeds(&dit(&[
+        "sample",
+        "--ckpt",
+        p(&out.join("step-0000009")),
+        "--steps",
+        "3",
+        "--labels",
+        "1,2",
+        "--out",
+        p(&png),
+    ]));
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (2 * 30 + 2, 32));
+}
+
+#[test]
 fn missing_checkpoint() {
     fails_with(
         &dit(&["sample", "--ckpt", "/nonexistent/DiT-XL-2-256x256.pt"]),

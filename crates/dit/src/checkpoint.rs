@@ -52,6 +52,27 @@ pub fn read_tensors(path: &Path) -> Result<Tensors> {
     Ok(tensors.into_iter().collect())
 }
 
+/// A training checkpoint folder written by [`crate::train::Trainer::save`]: its model config and
+/// its EMA weights (what sampling uses, as the reference's `ema`).
+pub fn read_training_dir(dir: &Path) -> Result<(DiTConfig, Tensors)> {
+    let bad = |m: String| {
+        Error::Checkpoint(format!(
+            "cannot read training checkpoint {}: {m}",
+            dir.display()
+        ))
+    };
+    let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| bad(e.to_string()))?;
+    let state: crate::train::CheckpointState =
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let all = candle_core::safetensors::load(dir.join("weights.safetensors"), &Device::Cpu)
+        .map_err(|e| bad(e.to_string()))?;
+    let ema: Tensors = all
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("ema.")?.to_string(), v)))
+        .collect();
+    Ok((state.model, ema))
+}
+
 fn dims<'a>(t: &'a Tensors, name: &str) -> Result<&'a [usize]> {
     t.get(name).map(|t| t.dims()).ok_or_else(|| {
         Error::Checkpoint(format!(
