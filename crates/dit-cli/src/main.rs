@@ -23,10 +23,14 @@ struct Cli {
 enum Command {
     /// Draw class-conditional samples (with no checkpoint: the embedded default model).
     Sample(Box<sample::SampleArgs>),
-    /// Convert a DiT checkpoint (.pt, bare or train.py; the EMA weights) to .safetensors.
+    /// Convert a DiT checkpoint (.pt, bare or train.py; the EMA weights) to .safetensors, or a
+    /// `dit train` checkpoint folder to its EMA weights plus `OUT.json` (its config).
     Convert {
         input: std::path::PathBuf,
         output: std::path::PathBuf,
+        /// Store the weights in f16 (half the size; loaded back as f32).
+        #[arg(long)]
+        half: bool,
     },
     /// Time the forward pass (and the VAE decode) of our implementation.
     Bench(bench::BenchArgs),
@@ -43,7 +47,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sample(args) => sample::run(*args),
-        Command::Convert { input, output } => convert(&input, &output),
+        Command::Convert { input, output, half } => convert(&input, &output, half),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(*args),
     };
@@ -54,10 +58,22 @@ fn main() {
     }
 }
 
-fn convert(input: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
-    let tensors = dit::checkpoint::read_tensors(input)?;
-    let cfg = dit::checkpoint::infer_config(&tensors, None)?;
+fn convert(input: &std::path::Path, output: &std::path::Path, half: bool) -> anyhow::Result<()> {
+    let (cfg, mut tensors) = if input.is_dir() {
+        let (cfg, tensors) = dit::checkpoint::read_training_dir(input)?;
+        let json = serde_json::to_string_pretty(&cfg)?;
+        std::fs::write(output.with_extension("json"), json)?;
+        (cfg, tensors)
+    } else {
+        let tensors = dit::checkpoint::read_tensors(input)?;
+        (dit::checkpoint::infer_config(&tensors, None)?, tensors)
+    };
     dit::checkpoint::validate(&cfg, &tensors)?;
+    if half {
+        for t in tensors.values_mut() {
+            *t = t.to_dtype(candle_core::DType::F16)?;
+        }
+    }
     dit::checkpoint::save_safetensors_atomic(&tensors, output)?;
     println!(
         "wrote {} ({} tensors; depth {}, hidden {}, patch {}, {} classes)",

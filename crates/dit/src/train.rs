@@ -114,8 +114,9 @@ impl AdamW {
             let theta =
                 ((var.as_tensor() * (1.0 - cfg.lr * cfg.weight_decay))? - (step * cfg.lr)?)?;
             var.set(&theta)?;
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
+            // Detached: gradients carry their backward graph, which must not outlive the step.
+            self.m.insert(name.clone(), m.detach());
+            self.v.insert(name.clone(), v.detach());
         }
         Ok(())
     }
@@ -204,7 +205,7 @@ impl Trainer {
         let d = self.cfg.ema_decay;
         for (name, var) in &self.params {
             let e = ((&self.ema[name] * d)? + (var.as_tensor() * (1.0 - d))?)?;
-            self.ema.insert(name.clone(), e);
+            self.ema.insert(name.clone(), e.detach());
         }
         Ok(loss.to_scalar::<f32>()?)
     }
@@ -466,6 +467,11 @@ mod tests {
         eprintln!("fixed-batch eps MSE {before} -> {after} after 41 steps");
         assert!(after < 0.7 * before, "eps MSE {before} -> {after}");
         assert_eq!(tr.opt.step, 41);
+        // Stored state holds no backward graph (it would keep every step's graph alive: a leak
+        // that grew a real run past 24 GB).
+        for (name, _) in &tr.params {
+            assert!(!tr.ema[name].track_op() && !tr.opt.m[name].track_op() && !tr.opt.v[name].track_op(), "{name}");
+        }
     }
 
     #[test]
