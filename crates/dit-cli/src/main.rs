@@ -47,7 +47,11 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sample(args) => sample::run(*args),
-        Command::Convert { input, output, half } => convert(&input, &output, half),
+        Command::Convert {
+            input,
+            output,
+            half,
+        } => convert(&input, &output, half),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(*args),
     };

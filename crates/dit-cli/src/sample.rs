@@ -108,6 +108,10 @@ pub struct SampleArgs {
     no_decode: bool,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
+    /// Clamp the predicted x0 to [-1, 1] at each step. Default: on for pixel-space models (as
+    /// IDDPM samples images), off for latent models (as the DiT reference).
+    #[arg(long)]
+    clip_x0: Option<bool>,
 }
 
 /// The embedded default until a trained model ships: an untrained DiT in pixel space
@@ -229,6 +233,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             CfgChannels::Reference => GuidedChannels::Reference,
             CfgChannels::All => GuidedChannels::All,
         },
+        clip_denoised: a.clip_x0.unwrap_or(cfg.in_channels != 4),
     };
     let batches = n.div_ceil(a.batch_size);
     let bar =

@@ -16,6 +16,8 @@ pub struct SampleOptions {
     /// Guidance scale; 1 disables guidance (one forward pass per step).
     pub cfg_scale: f64,
     pub cfg_channels: GuidedChannels,
+    /// Clamp predicted x_0 to [-1, 1] at each step (pixel-space models; DiT's latents: off).
+    pub clip_denoised: bool,
 }
 
 impl Default for SampleOptions {
@@ -25,6 +27,7 @@ impl Default for SampleOptions {
             sampler: Sampler::Ddpm,
             cfg_scale: 4.0,
             cfg_channels: GuidedChannels::Reference,
+            clip_denoised: false,
         }
     }
 }
@@ -66,7 +69,8 @@ pub fn sample_latents(
 ) -> Result<Tensor> {
     check_labels(model, labels)?;
     check_noise(model, &noise, labels.len())?;
-    let diffusion = GaussianDiffusion::dit(&opts.steps.to_string())?;
+    let mut diffusion = GaussianDiffusion::dit(&opts.steps.to_string())?;
+    diffusion.clip_denoised = opts.clip_denoised;
     let y = Tensor::from_vec(
         labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
         labels.len(),

@@ -470,7 +470,12 @@ mod tests {
         // Stored state holds no backward graph (it would keep every step's graph alive: a leak
         // that grew a real run past 24 GB).
         for (name, _) in &tr.params {
-            assert!(!tr.ema[name].track_op() && !tr.opt.m[name].track_op() && !tr.opt.v[name].track_op(), "{name}");
+            assert!(
+                !tr.ema[name].track_op()
+                    && !tr.opt.m[name].track_op()
+                    && !tr.opt.v[name].track_op(),
+                "{name}"
+            );
         }
     }
 

@@ -95,6 +95,7 @@ fn check_model(name: &str, heads: usize, steps: usize) {
             sampler: Sampler::Ddim { eta: 0.0 },
             cfg_scale: scale,
             cfg_channels: GuidedChannels::Reference,
+            clip_denoised: false,
         };
         let x = sample_latents(
             &model,
@@ -144,6 +145,7 @@ fn bf16_forward_and_sampling_stay_close_to_f32() {
         sampler: Sampler::Ddim { eta: 0.0 },
         cfg_scale: 4.0,
         cfg_channels: GuidedChannels::Reference,
+        clip_denoised: false,
     };
     let x = sample_latents(
         &model,
@@ -287,4 +289,28 @@ fn builtin_mnist_holds_the_source_digits() {
         set.images.max_all().unwrap().to_scalar::<f32>().unwrap(),
     );
     assert_eq!((lo, hi), (-1.0, 1.0));
+}
+
+#[test]
+fn clip_denoised_clamps_x0_before_the_posterior() {
+    let f = load("dit_c1000_256.safetensors");
+    let mut d = GaussianDiffusion::dit("250").unwrap();
+    d.clip_denoised = true;
+    let ts = vec![100; 3];
+    let mv = d.p_mean_variance(&f["ddpm_out"], &f["x"], &ts).unwrap();
+    let clamped = f["ddpm_x0"].clamp(-1f32, 1f32).unwrap();
+    // The unclipped x0 of this fixture leaves [-1, 1], so the clamp is exercised.
+    assert!(
+        f["ddpm_x0"]
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 1.0
+    );
+    assert!(rel_l2(&mv.pred_xstart, &clamped) < 1e-6);
+    let (mean, _, _) = d.q_posterior(&clamped, &f["x"], &ts).unwrap();
+    assert!(rel_l2(&mv.mean, &mean) < 1e-6);
 }

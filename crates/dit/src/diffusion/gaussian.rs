@@ -30,6 +30,9 @@ pub struct GaussianDiffusion {
     pub posterior_log_variance_clipped: Vec<f64>,
     posterior_mean_coef1: Vec<f64>,
     posterior_mean_coef2: Vec<f64>,
+    /// Clamp the predicted x_0 to [-1, 1] before forming the posterior (IDDPM's
+    /// `clip_denoised`): right for pixel-space models, off for DiT's unbounded latents.
+    pub clip_denoised: bool,
 }
 
 /// The model's p(x_{t-1} | x_t): mean, variance (and its log), and the implied x_0.
@@ -96,6 +99,7 @@ impl GaussianDiffusion {
             alphas_cumprod: acp,
             alphas_cumprod_prev: acp_prev,
             timestep_map,
+            clip_denoised: false,
             betas,
         }
     }
@@ -192,7 +196,10 @@ impl GaussianDiffusion {
             let (_, var, log_var) = self.q_posterior(xt, xt, ts)?;
             (var, log_var)
         };
-        let pred_xstart = self.predict_xstart_from_eps(xt, ts, &eps)?;
+        let mut pred_xstart = self.predict_xstart_from_eps(xt, ts, &eps)?;
+        if self.clip_denoised {
+            pred_xstart = pred_xstart.clamp(-1f32, 1f32)?;
+        }
         let (mean, _, _) = self.q_posterior(&pred_xstart, xt, ts)?;
         Ok(MeanVariance {
             mean,
