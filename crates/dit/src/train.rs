@@ -330,6 +330,17 @@ pub fn batch_indices(n: usize, seed: u64, position: usize, batch: usize) -> Vec<
 mod tests {
     use super::*;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     fn tiny() -> DiTConfig {
         DiTConfig {
             input_size: 28,
@@ -451,14 +462,7 @@ mod tests {
         // EMA after one step with decay 0.5: the mean of the initial and the new weights.
         let (name, var) = &tr.params[0];
         let want = ((theta0 + var.as_tensor()).unwrap() * 0.5).unwrap();
-        let diff = (&tr.ema[name] - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&tr.ema[name], &want);
         assert!(diff < 1e-6, "EMA off by {diff}");
         for _ in 0..40 {
             assert!(tr.step(&x0, &labels).unwrap().is_finite());
@@ -516,23 +520,9 @@ mod tests {
         run(&mut resumed, pos, 3);
 
         for ((n, a), (_, b)) in straight.params.iter().zip(&resumed.params) {
-            let d = (a.as_tensor() - b.as_tensor())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(a.as_tensor(), b.as_tensor());
             assert_eq!(d, 0.0, "{n} differs after resume");
-            let d = (&straight.ema[n] - &resumed.ema[n])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&straight.ema[n], &resumed.ema[n]);
             assert_eq!(d, 0.0, "EMA {n} differs after resume");
         }
         let _ = std::fs::remove_dir_all(&dir);
