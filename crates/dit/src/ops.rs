@@ -595,7 +595,9 @@ pub fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Resul
             Tensor::ones(d, x.dtype(), x.device())?,
             Tensor::zeros(d, x.dtype(), x.device())?,
         );
-        let y = candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)?;
+        // candle_nn's fused `layer_norm` has no backward pass (gradients would silently stop
+        // at every block); the composite one has.
+        let y = candle_nn::ops::layer_norm_slow(x, &ones, &zeros, 1e-6)?;
         return y
             .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
             .broadcast_add(&shift.unsqueeze(1)?);
@@ -861,6 +863,12 @@ mod tests {
         assert!(y.track_op(), "gelu");
         let y = self_attention(&y, 1).unwrap();
         assert!(y.track_op(), "attention");
+        let (sh, sc) = (
+            Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::ones((1, 2), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let y = modulated_layer_norm(&y, &sh, &sc).unwrap();
+        let y = gated_residual(&y, &sc, &y).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         let g = grads
             .get(x.as_tensor())

@@ -458,6 +458,11 @@ mod tests {
         };
         let before = eval(&tr);
         let theta0 = tr.params[0].1.as_tensor().copy().unwrap();
+        let init_copy: HashMap<String, Tensor> = tr
+            .params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
+            .collect();
         tr.step(&x0, &labels).unwrap();
         // EMA after one step with decay 0.5: the mean of the initial and the new weights.
         let (name, var) = &tr.params[0];
@@ -471,6 +476,13 @@ mod tests {
         eprintln!("fixed-batch eps MSE {before} -> {after} after 41 steps");
         assert!(after < 0.7 * before, "eps MSE {before} -> {after}");
         assert_eq!(tr.opt.step, 41);
+        // Every parameter learns, the patch embedding included (gradients cross every norm).
+        for (name, var) in &tr.params {
+            if name.ends_with("weight") {
+                let moved = max_abs_diff(var.as_tensor(), &init_copy[name]);
+                assert!(moved > 0.0, "{name} never changed");
+            }
+        }
         // Stored state holds no backward graph (it would keep every step's graph alive: a leak
         // that grew a real run past 24 GB).
         for (name, _) in &tr.params {
