@@ -236,6 +236,7 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -272,14 +273,7 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&bf)
                 .unwrap();
-            let err = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs_diff(&got, &want);
             let scale = want
                 .abs()
                 .unwrap()

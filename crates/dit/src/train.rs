@@ -329,17 +329,7 @@ pub fn batch_indices(n: usize, seed: u64, position: usize, batch: usize) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::test_util::max_abs_diff;
 
     fn tiny() -> DiTConfig {
         DiTConfig {
