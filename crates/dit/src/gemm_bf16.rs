@@ -223,6 +223,23 @@ impl Module for Linear {
                 *shape.last_mut().expect("rank >= 1") = w.n;
                 Tensor::from_vec(y, shape, x.device())
             }
+            _ if x.track_op() || self.inner.weight().track_op() => {
+                // Training: one 2-D GEMM and a bias add whose backward pass is a GEMM too.
+                let dims = x.dims().to_vec();
+                let k = *dims.last().unwrap_or(&0);
+                let w = self.inner.weight();
+                let y = x
+                    .contiguous()?
+                    .reshape((x.elem_count() / k.max(1), k))?
+                    .matmul(&w.t()?)?;
+                let y = match self.inner.bias() {
+                    Some(b) => crate::ops::add_bias_rows(&y, b)?,
+                    None => y,
+                };
+                let mut shape = dims;
+                *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
+                y.reshape(shape)
+            }
             _ => self.inner.forward(x),
         }
     }

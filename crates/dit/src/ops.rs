@@ -7,8 +7,9 @@
 //!   one (sample, head) per task, with single-threaded GEMMs. candle's path copies q, k and v
 //!   out of qkv, runs many tiny multi-threaded GEMMs (T x 64 x T) and a separate softmax pass.
 //!
-//! The fused kernels have no backward pass: on tensors that track gradients (training) every
-//! function here takes candle's differentiable path instead.
+//! GELU, attention, LayerNorm+modulation and the gated residual have backward passes (training
+//! runs them too: candle's composite ops were 5x slower per step); the VAE's convolution and
+//! GroupNorm kernels have none, so on tensors that track gradients they take candle's path.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -82,15 +83,112 @@ impl CustomOp1 for GeluTanh {
         };
         Ok((out, layout.shape().clone()))
     }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.to_dtype(DType::F32)?.contiguous()?;
+        let dx = arg
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op2_no_bwd(&g, &GeluTanhGrad)?;
+        Ok(Some(dx.to_dtype(arg.dtype())?))
+    }
+}
+
+/// d/dx of x * s with s = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3):
+/// s + 2 x s (1 - s) u'(x).
+#[inline]
+fn gelu_tanh_grad_f32(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x);
+    let s = 1.0 / (1.0 + fast_exp(-2.0 * u));
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
+    s + 2.0 * x * s * (1.0 - s) * du
+}
+
+/// grad * GELU'(x), f32.
+struct GeluTanhGrad;
+
+impl candle_core::CustomOp2 for GeluTanhGrad {
+    fn name(&self) -> &'static str {
+        "gelu-tanh-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (cpu_slice::<f32>(s1, l1)?, cpu_slice::<f32>(s2, l2)?);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(o, (x, g))| {
+                for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                    *o = g * gelu_tanh_grad_f32(x);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
 }
 
 /// GELU with the tanh approximation (timm's `GELU(approximate="tanh")`). Multi-threaded on the
 /// CPU for f32 / bf16; candle's own op elsewhere.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) && !x.track_op() {
-        x.contiguous()?.apply_op1_no_bwd(&GeluTanh)
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        x.contiguous()?.apply_op1(GeluTanh)
     } else {
         x.gelu()
+    }
+}
+
+/// y + b for y (M, N) and a bias b (N), f32 on the CPU. Its backward pass sums the gradient over
+/// the rows with a GEMM (1 x M times M x N): candle's broadcast_add reduces over the rows with a
+/// single-threaded strided loop, which was 14% of a training step.
+pub fn add_bias_rows(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if y.device().is_cpu() && y.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+    } else {
+        y.broadcast_add(b)
+    }
+}
+
+struct BiasAdd;
+
+impl candle_core::CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, b) = (cpu_slice::<f32>(s1, l1)?, cpu_slice::<f32>(s2, l2)?);
+        let n = b.len();
+        let mut out = y.to_vec();
+        out.par_chunks_mut(n * (CHUNK / n).max(1)).for_each(|rows| {
+            for row in rows.chunks_exact_mut(n) {
+                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (m, n) = y.dims2()?;
+        let ones = Tensor::ones((1, m), DType::F32, y.device())?;
+        let db = ones.matmul(&grad.contiguous()?)?.reshape(n)?;
+        Ok((Some(grad.clone()), Some(db)))
     }
 }
 
@@ -102,9 +200,9 @@ pub fn self_attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
         // Attention is a small share of the work; run it in f32 (as autocast does for softmax).
         return self_attention(&qkv.to_dtype(DType::F32)?, num_heads)?.to_dtype(DType::BF16);
     }
-    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && !qkv.track_op() {
+    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
         qkv.contiguous()?
-            .apply_op1_no_bwd(&FusedSelfAttention { num_heads })
+            .apply_op1(FusedSelfAttention { num_heads })
     } else {
         self_attention_unfused(qkv, num_heads)
     }
@@ -235,6 +333,37 @@ impl CustomOp1 for FusedSelfAttention {
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((n, t, d))))
+    }
+
+    /// Recomputes the probabilities P (not kept by the forward pass), then with O = P V and
+    /// S = scale Q K^T: dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)), dQ = scale dS K,
+    /// dK = scale dS^T Q.
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (n, t, d3) = qkv.dims3()?;
+        let h = self.num_heads;
+        let hd = d3 / 3 / h;
+        let scale = (hd as f64).powf(-0.5);
+        let heads = qkv.reshape((n, t, 3, h, hd))?.permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (
+            heads.get(0)?.contiguous()?,
+            heads.get(1)?.contiguous()?,
+            heads.get(2)?.contiguous()?,
+        );
+        let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+        let d_o = grad_res
+            .reshape((n, t, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let dv = p.t()?.matmul(&d_o)?;
+        let dp = d_o.matmul(&v.t()?)?;
+        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+        let dq = (ds.matmul(&k)? * scale)?;
+        let dk = (ds.t()?.matmul(&q)? * scale)?;
+        // (3, N, H, T, hd) back to the qkv layout (N, T, 3, H, hd).
+        let dqkv = Tensor::stack(&[dq, dk, dv], 0)?
+            .permute((1, 3, 0, 2, 4))?
+            .reshape((n, t, d3))?;
+        Ok(Some(dqkv))
     }
 }
 
@@ -590,27 +719,104 @@ fn rows_op<T: Elem + candle_core::WithDType>(
 /// pass: x (N, T, D), shift and scale (N, D).
 pub fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     if !fusable(&[x, shift, scale]) {
-        let d = x.dim(D::Minus1)?;
-        let (ones, zeros) = (
-            Tensor::ones(d, x.dtype(), x.device())?,
-            Tensor::zeros(d, x.dtype(), x.device())?,
-        );
-        // candle_nn's fused `layer_norm` has no backward pass (gradients would silently stop
-        // at every block); the composite one has.
-        let y = candle_nn::ops::layer_norm_slow(x, &ones, &zeros, 1e-6)?;
-        return y
-            .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-            .broadcast_add(&shift.unsqueeze(1)?);
+        return modulated_layer_norm_unfused(x, shift, scale);
     }
-    x.contiguous()?.apply_op3_no_bwd(
+    x.contiguous()?.apply_op3(
         &shift.contiguous()?,
         &scale.contiguous()?,
-        &RowWise3 {
+        RowWise3 {
             name: "modulated-layer-norm",
             f32: modulated_ln_rows,
             bf16: modulated_ln_rows,
+            bwd: modulated_ln_bwd,
         },
     )
+}
+
+/// The same computation with candle's tensor ops (any device and dtype).
+pub fn modulated_layer_norm_unfused(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let (ones, zeros) = (
+        Tensor::ones(d, x.dtype(), x.device())?,
+        Tensor::zeros(d, x.dtype(), x.device())?,
+    );
+    // candle_nn's fused `layer_norm` has no backward pass (gradients would silently stop
+    // at every block); the composite one has.
+    let y = candle_nn::ops::layer_norm_slow(x, &ones, &zeros, 1e-6)?;
+    y.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// Gradients of y = xhat (1 + scale) + shift with xhat = (x - mean) / sigma, per row:
+/// dshift = sum_T g, dscale = sum_T g xhat, and with gs = g (1 + scale),
+/// dx = (gs - mean(gs) - xhat mean(gs xhat)) / sigma. Computed in f32 by one kernel.
+fn modulated_ln_bwd(x: &Tensor, _shift: &Tensor, scale: &Tensor, grad: &Tensor) -> Result<Grads3> {
+    let (n, t, d) = x.dims3()?;
+    let f32c = |a: &Tensor| a.to_dtype(DType::F32)?.contiguous();
+    let packed = f32c(x)?.apply_op3_no_bwd(&f32c(scale)?, &f32c(grad)?, &ModulatedLnGrad)?;
+    let back = |a: Tensor| a.to_dtype(x.dtype());
+    Ok((
+        Some(back(packed.narrow(1, 0, t)?)?),
+        Some(back(packed.narrow(1, t, 1)?.reshape((n, d))?)?),
+        Some(back(packed.narrow(1, t + 1, 1)?.reshape((n, d))?)?),
+    ))
+}
+
+/// (x, scale, grad) -> (N, T + 2, D): dx in rows 0..T, dshift in row T, dscale in row T + 1.
+struct ModulatedLnGrad;
+
+impl candle_core::CustomOp3 for ModulatedLnGrad {
+    fn name(&self) -> &'static str {
+        "modulated-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, t, d) = l1.shape().dims3()?;
+        let (x, scale, g) = (
+            cpu_slice::<f32>(s1, l1)?,
+            cpu_slice::<f32>(s2, l2)?,
+            cpu_slice::<f32>(s3, l3)?,
+        );
+        let mut out = vec![0f32; n * (t + 2) * d];
+        out.par_chunks_mut((t + 2) * d)
+            .enumerate()
+            .for_each(|(b, o)| {
+                let (dx, sums) = o.split_at_mut(t * d);
+                let (dshift, dscale) = sums.split_at_mut(d);
+                let sc = &scale[b * d..(b + 1) * d];
+                let mut xhat = vec![0f32; d];
+                let mut gs = vec![0f32; d];
+                for r in 0..t {
+                    let xr = &x[(b * t + r) * d..(b * t + r + 1) * d];
+                    let gr = &g[(b * t + r) * d..(b * t + r + 1) * d];
+                    let mean = xr.iter().sum::<f32>() / d as f32;
+                    let var = xr.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / d as f32;
+                    let inv = 1.0 / (var + 1e-6).sqrt();
+                    let (mut a, mut c) = (0f32, 0f32);
+                    for j in 0..d {
+                        xhat[j] = (xr[j] - mean) * inv;
+                        gs[j] = gr[j] * (1.0 + sc[j]);
+                        a += gs[j];
+                        c += gs[j] * xhat[j];
+                        dshift[j] += gr[j];
+                        dscale[j] += gr[j] * xhat[j];
+                    }
+                    let (a, c) = (a / d as f32, c / d as f32);
+                    for j in 0..d {
+                        dx[r * d + j] = (gs[j] - a - xhat[j] * c) * inv;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, t + 2, d))))
+    }
 }
 
 fn modulated_ln_rows<T: Elem + candle_core::WithDType>(
@@ -633,17 +839,32 @@ fn modulated_ln_rows<T: Elem + candle_core::WithDType>(
 /// The gated residual of adaLN-Zero, x + gate * h, in one pass: x, h (N, T, D), gate (N, D).
 pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> Result<Tensor> {
     if !fusable(&[x, gate, h]) {
-        return x + h.broadcast_mul(&gate.unsqueeze(1)?)?;
+        return gated_residual_unfused(x, gate, h);
     }
-    x.contiguous()?.apply_op3_no_bwd(
+    x.contiguous()?.apply_op3(
         &gate.contiguous()?,
         &h.contiguous()?,
-        &RowWise3 {
+        RowWise3 {
             name: "gated-residual",
             f32: gated_rows,
             bf16: gated_rows,
+            bwd: gated_residual_bwd,
         },
     )
+}
+
+/// The same computation with candle's tensor ops (any device and dtype).
+pub fn gated_residual_unfused(x: &Tensor, gate: &Tensor, h: &Tensor) -> Result<Tensor> {
+    x + h.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
+/// dx = g, dgate = sum_T g h, dh = g gate.
+fn gated_residual_bwd(_x: &Tensor, gate: &Tensor, h: &Tensor, grad: &Tensor) -> Result<Grads3> {
+    Ok((
+        Some(grad.clone()),
+        Some((grad * h)?.sum(1)?),
+        Some(grad.broadcast_mul(&gate.unsqueeze(1)?)?),
+    ))
 }
 
 fn gated_rows<T: Elem + candle_core::WithDType>(
@@ -672,10 +893,15 @@ struct RowWise3 {
     name: &'static str,
     f32: RowKernel<f32>,
     bf16: RowKernel<half::bf16>,
+    /// (arg1, arg2, arg3, grad of the output) -> gradients of the arguments.
+    bwd: fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3>,
 }
 
 /// (x, u, v, row length d, rows per sample t) -> output.
 type RowKernel<T> = fn(&[T], &[T], &[T], usize, usize) -> Vec<T>;
+
+/// Gradients of the three arguments of a ternary op.
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 impl candle_core::CustomOp3 for RowWise3 {
     fn name(&self) -> &'static str {
@@ -711,14 +937,25 @@ impl candle_core::CustomOp3 for RowWise3 {
         };
         Ok((out, l1.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<Grads3> {
+        (self.bwd)(a1, a2, a3, grad_res)
+    }
 }
 
-/// Whether the fused CPU element-wise kernels apply: CPU, one dtype (f32 or bf16), no gradients.
+/// Whether the fused CPU row-wise kernels apply: CPU, one dtype (f32 or bf16).
 fn fusable(ts: &[&Tensor]) -> bool {
     let x = ts[0];
     x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && ts.iter().all(|t| t.dtype() == x.dtype() && !t.track_op())
+        && ts.iter().all(|t| t.dtype() == x.dtype())
 }
 
 #[cfg(test)]
@@ -871,6 +1108,79 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap()
                 > 0.0
+        );
+    }
+
+    /// Gradients of sum(w * f(args)) for random w, with respect to every argument.
+    fn grads_of(f: impl Fn(&[Tensor]) -> Result<Tensor>, args: &[Tensor]) -> Vec<Tensor> {
+        let vars: Vec<candle_core::Var> = args
+            .iter()
+            .map(|a| candle_core::Var::from_tensor(a).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        // A fixed, non-constant weighting so both paths see the same upstream gradient.
+        let w = Tensor::arange(0f32, y.elem_count() as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.37, 0.0)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape(y.shape())
+            .unwrap();
+        let grads = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        ts.iter().map(|t| grads.get(t).unwrap().clone()).collect()
+    }
+
+    #[test]
+    fn fused_backward_passes_match_candle_autograd() {
+        let dev = &Device::Cpu;
+        let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, dev).unwrap();
+        let check = |name: &str, a: Vec<Tensor>, b: Vec<Tensor>| {
+            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let err = max_abs_diff(a, b);
+                assert!(
+                    err < 2e-4 * scale.max(1.0),
+                    "{name} arg {i}: {err} (scale {scale})"
+                );
+            }
+        };
+        let x = (r(&[2, 5, 48]) * 2.0).unwrap();
+        check(
+            "gelu",
+            grads_of(|a| gelu_tanh(&a[0]), &[x.clone()]),
+            grads_of(|a| a[0].gelu(), &[x.clone()]),
+        );
+        let args = [x.clone(), r(&[2, 48]), r(&[2, 48])];
+        check(
+            "modulated layer norm",
+            grads_of(|a| modulated_layer_norm(&a[0], &a[1], &a[2]), &args),
+            grads_of(|a| modulated_layer_norm_unfused(&a[0], &a[1], &a[2]), &args),
+        );
+        let args = [x.clone(), r(&[2, 48]), r(&[2, 5, 48])];
+        check(
+            "gated residual",
+            grads_of(|a| gated_residual(&a[0], &a[1], &a[2]), &args),
+            grads_of(|a| gated_residual_unfused(&a[0], &a[1], &a[2]), &args),
+        );
+        let args = [r(&[9, 20]), r(&[20])];
+        check(
+            "bias add",
+            grads_of(|a| add_bias_rows(&a[0], &a[1]), &args),
+            grads_of(|a| a[0].broadcast_add(&a[1]), &args),
+        );
+        let qkv = r(&[2, 7, 3 * 12]);
+        check(
+            "attention",
+            grads_of(|a| self_attention(&a[0], 3), &[qkv.clone()]),
+            grads_of(|a| self_attention_unfused(&a[0], 3), &[qkv.clone()]),
         );
     }
 
