@@ -193,21 +193,21 @@ class Diffusion:
         return x0 * torch.sqrt(abp) + torch.sqrt(1 - abp) * eps
 
 
-def loss_fixture(gen):
-    """The hybrid loss (MSE on eps + VB term with a frozen mean) on random data, 1000 steps."""
-    d = Diffusion(1000)
-    n, C = 5, 4
-    x0 = (torch.randn(n, C, 8, 8, generator=gen) * 0.8).clamp(-1, 1)  # some pixels at the edges
-    noise = torch.randn(n, C, 8, 8, generator=gen)
-    t = [0, 1, 17, 500, 999]
-    eps = torch.randn(n, C, 8, 8, generator=gen)
-    v = torch.tanh(torch.randn(n, C, 8, 8, generator=gen))
+def q_sample(d, x0, t, noise):
+    ex = lambda arr: torch.tensor([float(arr[i]) for i in t], dtype=torch.float32).view(-1, 1, 1, 1)  # noqa: E731
+    return ex(np.sqrt(d.acp)) * x0 + ex(np.sqrt(1 - d.acp)) * noise
+
+
+def hybrid_loss_terms(d, x0, xt, noise, t, out):
+    """IDDPM's hybrid loss per sample: MSE on eps, and the VB term (in bits) of the learned
+    variance with the predicted mean frozen (stop-gradient), as the reference training."""
+    n, C = x0.shape[:2]
+    eps, v = out[:, :C], out[:, C:]
     ex = lambda arr: torch.tensor([float(arr[i]) for i in t], dtype=torch.float32).view(n, 1, 1, 1)  # noqa: E731
-    xt = ex(np.sqrt(d.acp)) * x0 + ex(np.sqrt(1 - d.acp)) * noise
-    # model's p(x_{t-1} | x_t)
+    # model's p(x_{t-1} | x_t), mean from the detached eps
     frac = (v + 1) / 2
     logvar = frac * ex(np.log(d.betas)) + (1 - frac) * ex(d.post_logvar)
-    px0 = ex(np.sqrt(1 / d.acp)) * xt - ex(np.sqrt(1 / d.acp - 1)) * eps
+    px0 = ex(np.sqrt(1 / d.acp)) * xt - ex(np.sqrt(1 / d.acp - 1)) * eps.detach()
     mean = ex(d.c1) * px0 + ex(d.c2) * xt
     true_mean = ex(d.c1) * x0 + ex(d.c2) * xt
     true_logvar = ex(d.post_logvar)
@@ -221,6 +221,46 @@ def loss_fixture(gen):
     nll = -lp.mean(dim=(1, 2, 3)) / math.log(2.0)
     vb = torch.where(torch.tensor(t) == 0, nll, kl)
     mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+    return mse, vb
+
+
+def grad_fixture(gen):
+    """Gradients of the hybrid loss (batch mean) of a tiny DiT by torch autograd."""
+    cfg = dict(depth=2, hidden=32, heads=2, patch=2, in_channels=1, out_channels=2, classes=3, latent=8)
+    w = random_weights(cfg, gen)
+    n = 3
+    x0 = (torch.randn(n, 1, 8, 8, generator=gen) * 0.7).clamp(-1, 1)
+    noise = torch.randn(n, 1, 8, 8, generator=gen)
+    t = [0, 250, 999]
+    y = torch.tensor([0, 2, 3])  # 3 = the null class (a dropped label)
+    d = Diffusion(1000)
+    with torch.enable_grad():
+        params = {k: v.clone().requires_grad_(k != "pos_embed") for k, v in w.items()}
+        xt = q_sample(d, x0, t, noise)
+        out = dit_forward(params, cfg, xt, torch.tensor(t, dtype=torch.float32), y)
+        mse, vb = hybrid_loss_terms(d, x0, xt, noise, t, out)
+        loss = (mse + vb).mean()
+        loss.backward()
+    f = {"x0": x0, "noise": noise, "t": torch.tensor(t, dtype=torch.int64), "y": y.to(torch.int64),
+         "loss": loss.detach().reshape(1), "mse": mse.detach(), "vb": vb.detach()}
+    for k, v in params.items():
+        if k != "pos_embed":
+            f["weight." + k] = w[k]
+            f["grad." + k] = v.grad
+    save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "grads.safetensors"))
+
+
+def loss_fixture(gen):
+    """The hybrid loss (MSE on eps + VB term with a frozen mean) on random data, 1000 steps."""
+    d = Diffusion(1000)
+    n, C = 5, 4
+    x0 = (torch.randn(n, C, 8, 8, generator=gen) * 0.8).clamp(-1, 1)  # some pixels at the edges
+    noise = torch.randn(n, C, 8, 8, generator=gen)
+    t = [0, 1, 17, 500, 999]
+    eps = torch.randn(n, C, 8, 8, generator=gen)
+    v = torch.tanh(torch.randn(n, C, 8, 8, generator=gen))
+    xt = q_sample(d, x0, t, noise)
+    mse, vb = hybrid_loss_terms(d, x0, xt, noise, t, torch.cat([eps, v], 1))
     save_file({"x0": x0, "noise": noise, "t": torch.tensor(t, dtype=torch.int64), "model_out": torch.cat([eps, v], 1),
                "x_t": xt.contiguous(), "mse": mse, "vb": vb, "loss": mse + vb}, os.path.join(OUT, "losses.safetensors"))
 
@@ -302,6 +342,7 @@ if __name__ == "__main__":
                                        classes=10, latent=16, steps=25), "trainpy", gen)
     vae_fixture(gen)
     loss_fixture(gen)
+    grad_fixture(gen)
     # Respacing of the reference sampler's 250 and 50 steps.
     save_file({f"map{s}": torch.tensor(Diffusion(s).map, dtype=torch.int64) for s in (250, 50, 27)}
               | {f"betas{s}": torch.tensor(Diffusion(s).betas) for s in (250, 50, 27)},

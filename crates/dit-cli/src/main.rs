@@ -1,6 +1,7 @@
 //! `dit`: the command line of dit-rs. A thin layer: parse, call the library, write files.
 
 mod bench;
+mod eval_builtin;
 mod sample;
 mod train;
 
@@ -36,6 +37,11 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Train a DiT on the built-in MNIST digits (checkpoints, JSONL log, resume).
     Train(Box<train::TrainArgs>),
+    /// Score a model of the built-in digits: classifier accuracy per class and a Fréchet
+    /// distance to real digits in the classifier's feature space.
+    EvalBuiltin(Box<eval_builtin::EvalBuiltinArgs>),
+    /// Train the classifier that `eval-builtin` uses, on the built-in digits.
+    TrainClassifier(eval_builtin::TrainClassifierArgs),
 }
 
 fn main() {
@@ -54,6 +60,8 @@ fn main() {
         } => convert(&input, &output, half),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(*args),
+        Command::EvalBuiltin(args) => eval_builtin::run(*args),
+        Command::TrainClassifier(args) => eval_builtin::train_classifier(args),
     };
     if let Err(e) = result {
         // One clear line, no backtrace: bad input is not a crash.

@@ -51,17 +51,16 @@ impl DTypeArg {
     }
 }
 
+/// Which model to load: a checkpoint (with optional overrides) or the embedded default.
 #[derive(Args)]
-pub struct SampleArgs {
+pub struct ModelArgs {
     /// Named config (DiT-S/2 … DiT-XL/8); inferred from the checkpoint when omitted.
     #[arg(long)]
     model: Option<String>,
-    /// Checkpoint: a released DiT .pt, a train.py checkpoint (EMA weights) or .safetensors.
+    /// Checkpoint: a released DiT .pt, a train.py checkpoint (EMA weights), .safetensors, or a
+    /// `dit train` checkpoint folder. Default: the embedded model.
     #[arg(long)]
     ckpt: Option<PathBuf>,
-    /// VAE: a diffusers folder or file, `ema` / `mse` (stabilityai/sd-vae-ft-*), or a hub repo id.
-    #[arg(long, default_value = "ema")]
-    vae: String,
     /// Image size in pixels (latent size x 8). Inferred from the checkpoint when omitted.
     #[arg(long)]
     image_size: Option<usize>,
@@ -71,21 +70,67 @@ pub struct SampleArgs {
     /// otherwise 64-wide heads).
     #[arg(long)]
     num_heads: Option<usize>,
-    /// Class labels, comma-separated. Default: the paper's 8 classes (1000-class models) or
-    /// every class.
-    #[arg(long, value_delimiter = ',')]
-    labels: Vec<usize>,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+}
+
+/// How to sample: steps, sampler, guidance.
+#[derive(Args)]
+pub struct SamplingArgs {
     #[arg(long, default_value_t = 4.0)]
     cfg_scale: f64,
     #[arg(long, value_enum, default_value = "reference")]
     cfg_channels: CfgChannels,
-    #[arg(long, alias = "num-sampling-steps", default_value_t = 250)]
-    steps: usize,
+    /// Respaced sampling steps [default: 250 for `sample`, 50 for `eval-builtin`].
+    #[arg(long, alias = "num-sampling-steps")]
+    steps: Option<usize>,
     #[arg(long, value_enum, default_value = "ddpm")]
     sampler: SamplerArg,
     /// DDIM eta (0: deterministic).
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
+    /// Clamp the predicted x0 to [-1, 1] at each step. Default: on for pixel-space models (as
+    /// IDDPM samples images), off for latent models (as the DiT reference).
+    #[arg(long)]
+    clip_x0: Option<bool>,
+}
+
+impl SamplingArgs {
+    /// The library's options for a model of config `cfg`, after checking the values.
+    pub fn options(&self, cfg: &DiTConfig, default_steps: usize) -> Result<SampleOptions> {
+        let steps = self.steps.unwrap_or(default_steps);
+        if steps == 0 || steps > 1000 {
+            bail!("--steps must be in 1..=1000, got {steps}");
+        }
+        Ok(SampleOptions {
+            steps,
+            sampler: match self.sampler {
+                SamplerArg::Ddpm => Sampler::Ddpm,
+                SamplerArg::Ddim => Sampler::Ddim { eta: self.eta },
+            },
+            cfg_scale: self.cfg_scale,
+            cfg_channels: match self.cfg_channels {
+                CfgChannels::Reference => GuidedChannels::Reference,
+                CfgChannels::All => GuidedChannels::All,
+            },
+            clip_denoised: self.clip_x0.unwrap_or(cfg.in_channels != 4),
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// VAE: a diffusers folder or file, `ema` / `mse` (stabilityai/sd-vae-ft-*), or a hub repo id.
+    #[arg(long, default_value = "ema")]
+    vae: String,
+    /// Class labels, comma-separated. Default: the paper's 8 classes (1000-class models) or
+    /// every class.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Samples per forward batch (guidance doubles it).
@@ -106,92 +151,61 @@ pub struct SampleArgs {
     /// Skip the VAE (no images are written unless the model works in pixel space).
     #[arg(long)]
     no_decode: bool,
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DTypeArg,
-    /// Clamp the predicted x0 to [-1, 1] at each step. Default: on for pixel-space models (as
-    /// IDDPM samples images), off for latent models (as the DiT reference).
-    #[arg(long)]
-    clip_x0: Option<bool>,
 }
 
-/// The embedded default until a trained model ships: an untrained DiT in pixel space
-/// (32x32 RGB, 10 classes), weights drawn from a fixed seed. Its samples are noise-like.
-fn embedded_default(dtype: DType, device: &Device) -> Result<DiT> {
-    let cfg = DiTConfig {
-        input_size: 32,
-        patch_size: 4,
-        in_channels: 3,
-        hidden_size: 128,
-        depth: 4,
-        num_heads: 4,
-        mlp_ratio: 4.0,
-        num_classes: 10,
-        learn_sigma: true,
-    };
-    let mut rng = NoiseRng::new(0);
-    let mut tensors = checkpoint::Tensors::new();
-    for (name, shape) in checkpoint::expected_shapes(&cfg) {
-        if name == "pos_embed" {
-            continue;
-        }
-        let fan_in = if shape.len() > 1 {
-            shape[1..].iter().product::<usize>()
-        } else {
-            1
+impl ModelArgs {
+    /// The compute dtype and the model.
+    pub fn load(&self, device: &Device) -> Result<(DType, DiT)> {
+        let dtype = self.dtype.dtype_on(device)?;
+        Ok((dtype, self.load_as(dtype, device)?))
+    }
+
+    fn load_as(&self, dtype: DType, device: &Device) -> Result<DiT> {
+        let a = self;
+        let latent = a.image_size.map(dit::config::latent_size).transpose()?;
+        let Some(ckpt) = &a.ckpt else {
+            if a.model.is_some() {
+                bail!("--model needs --ckpt (weights to load)");
+            }
+            eprintln!("note: no --ckpt given: using the embedded model (a DiT trained by dit-rs on the built-in MNIST digits, 28x28, classes 0-9)");
+            return Ok(dit::builtin::model(dtype, device)?);
         };
-        let t = rng.randn_like(&Tensor::zeros(shape, DType::F32, &Device::Cpu)?)?;
-        tensors.insert(name, (t * (0.5 / (fan_in as f64).sqrt()))?);
-    }
-    Ok(checkpoint::build_model(&cfg, tensors, dtype, device)?)
-}
-
-fn load_model(a: &SampleArgs, dtype: DType, device: &Device) -> Result<DiT> {
-    let latent = a.image_size.map(dit::config::latent_size).transpose()?;
-    let Some(ckpt) = &a.ckpt else {
-        if a.model.is_some() {
-            bail!("--model needs --ckpt (weights to load)");
+        // A folder is a `dit train` checkpoint: its own config and EMA weights.
+        let (tensors, trained_cfg) = if ckpt.is_dir() {
+            let (cfg, t) = checkpoint::read_training_dir(ckpt)?;
+            (t, Some(cfg))
+        } else {
+            (checkpoint::read_tensors(ckpt)?, None)
+        };
+        let mut cfg = match (&a.model, trained_cfg) {
+            (Some(name), _) => DiTConfig::named(name, a.image_size.unwrap_or(256))?,
+            (None, Some(cfg)) => cfg,
+            (None, None) => checkpoint::infer_config(&tensors, latent)?,
+        };
+        if let Some(k) = a.num_classes {
+            cfg.num_classes = k;
         }
-        eprintln!("note: no --ckpt given: sampling the embedded default, an UNTRAINED random-weight pixel-space DiT (10 classes, 32x32); expect noise-like images");
-        return embedded_default(dtype, device);
-    };
-    // A folder is a `dit train` checkpoint: its own config and EMA weights.
-    let (tensors, trained_cfg) = if ckpt.is_dir() {
-        let (cfg, t) = checkpoint::read_training_dir(ckpt)?;
-        (t, Some(cfg))
-    } else {
-        (checkpoint::read_tensors(ckpt)?, None)
-    };
-    let mut cfg = match (&a.model, trained_cfg) {
-        (Some(name), _) => DiTConfig::named(name, a.image_size.unwrap_or(256))?,
-        (None, Some(cfg)) => cfg,
-        (None, None) => checkpoint::infer_config(&tensors, latent)?,
-    };
-    if let Some(k) = a.num_classes {
-        cfg.num_classes = k;
+        if let Some(h) = a.num_heads {
+            cfg.num_heads = h;
+        }
+        cfg.validate()?;
+        checkpoint::build_model(&cfg, tensors, dtype, device).with_context(|| {
+            format!(
+                "checkpoint {} does not fit the model config",
+                ckpt.display()
+            )
+        })
     }
-    if let Some(h) = a.num_heads {
-        cfg.num_heads = h;
-    }
-    cfg.validate()?;
-    checkpoint::build_model(&cfg, tensors, dtype, device).with_context(|| {
-        format!(
-            "checkpoint {} does not fit the model config",
-            ckpt.display()
-        )
-    })
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
     let device = Device::Cpu;
-    let dtype = a.dtype.dtype_on(&device)?;
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    if a.steps == 0 || a.steps > 1000 {
-        bail!("--steps must be in 1..=1000, got {}", a.steps);
-    }
-    let model = load_model(&a, dtype, &device)?;
+    let (dtype, model) = a.model.load(&device)?;
     let cfg = model.config.clone();
+    let opts = a.sampling.options(&cfg, 250)?;
     // Load the VAE before sampling, so a missing one fails in seconds, not after the run.
     let vae = if cfg.in_channels == 4 && !a.no_decode {
         let weights = dit::vae::resolve_weights(&a.vae)?;
@@ -222,42 +236,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
         None => rng.randn_like(&Tensor::zeros(shape, DType::F32, &device)?)?,
     };
-    let opts = SampleOptions {
-        steps: a.steps,
-        sampler: match a.sampler {
-            SamplerArg::Ddpm => Sampler::Ddpm,
-            SamplerArg::Ddim => Sampler::Ddim { eta: a.eta },
-        },
-        cfg_scale: a.cfg_scale,
-        cfg_channels: match a.cfg_channels {
-            CfgChannels::Reference => GuidedChannels::Reference,
-            CfgChannels::All => GuidedChannels::All,
-        },
-        clip_denoised: a.clip_x0.unwrap_or(cfg.in_channels != 4),
-    };
-    let batches = n.div_ceil(a.batch_size);
-    let bar =
-        ProgressBar::new((batches * a.steps) as u64).with_style(ProgressStyle::with_template(
-            "{msg} [{bar:40}] {pos}/{len} steps {elapsed_precise} eta {eta}",
-        )?);
-    bar.set_message(format!("sampling {n} images"));
-    let mut latents = Vec::with_capacity(batches);
-    for (b, start) in (0..n).step_by(a.batch_size).enumerate() {
-        let len = a.batch_size.min(n - start);
-        let z = noise.narrow(0, start, len)?;
-        let done = b * a.steps;
-        let x = sample_latents(
-            &model,
-            &labels[start..start + len],
-            z,
-            &opts,
-            &mut rng,
-            |s| bar.set_position((done + s) as u64),
-        )?;
-        latents.push(x.to_dtype(DType::F32)?);
-    }
-    bar.finish();
-    let latents = Tensor::cat(&latents, 0)?;
+    let latents = sample_batched(&model, &labels, &noise, &opts, a.batch_size, &mut rng)?;
     if let Some(p) = &a.save_latents {
         latents
             .write_npy(p)
@@ -291,4 +270,38 @@ pub fn run(a: SampleArgs) -> Result<()> {
         println!("wrote {n} images to {}", dir.display());
     }
     Ok(())
+}
+
+/// Samples `labels` from `noise` in batches of `batch_size`, with a progress bar over all steps.
+pub fn sample_batched(
+    model: &DiT,
+    labels: &[usize],
+    noise: &Tensor,
+    opts: &SampleOptions,
+    batch_size: usize,
+    rng: &mut NoiseRng,
+) -> Result<Tensor> {
+    let n = labels.len();
+    let batches = n.div_ceil(batch_size);
+    let bar =
+        ProgressBar::new((batches * opts.steps) as u64).with_style(ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} steps {elapsed_precise} eta {eta}",
+        )?);
+    bar.set_message(format!("sampling {n} images"));
+    let mut latents = Vec::with_capacity(batches);
+    for (b, start) in (0..n).step_by(batch_size).enumerate() {
+        let len = batch_size.min(n - start);
+        let done = b * opts.steps;
+        let x = sample_latents(
+            model,
+            &labels[start..start + len],
+            noise.narrow(0, start, len)?,
+            opts,
+            rng,
+            |s| bar.set_position((done + s) as u64),
+        )?;
+        latents.push(x.to_dtype(DType::F32)?);
+    }
+    bar.finish();
+    Ok(Tensor::cat(&latents, 0)?)
 }

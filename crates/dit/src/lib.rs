@@ -8,10 +8,12 @@
 //! - [`vae`]: Stable Diffusion's VAE through candle-transformers.
 //! - [`pipeline`]: class-conditional sampling end to end.
 
+pub mod builtin;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod diffusion;
+pub mod eval;
 pub mod gemm_bf16;
 pub mod image_io;
 pub mod model;

@@ -55,6 +55,8 @@ pub struct TrainConfig {
     pub ema_decay: f64,
     /// Probability of replacing a label by the null class (classifier-free guidance).
     pub class_dropout: f64,
+    /// Steps of linear learning-rate warm-up (0: none, as the paper).
+    pub warmup_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -66,6 +68,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             ema_decay: 0.9999,
             class_dropout: 0.1,
+            warmup_steps: 0,
         }
     }
 }
@@ -98,21 +101,26 @@ impl AdamW {
         &mut self,
         cfg: &TrainConfig,
         params: &[(String, Var)],
-        grads: &candle_core::backprop::GradStore,
+        grads: &HashMap<String, Tensor>,
     ) -> Result<()> {
         self.step += 1;
+        // Linear warm-up from 0 over the first `warmup_steps` steps, then constant.
+        let lr = if cfg.warmup_steps > 0 {
+            cfg.lr * (self.step as f64 / cfg.warmup_steps as f64).min(1.0)
+        } else {
+            cfg.lr
+        };
         let (b1, b2) = cfg.betas;
         let c1 = 1.0 - b1.powi(self.step as i32);
         let c2 = 1.0 - b2.powi(self.step as i32);
         for (name, var) in params {
-            let Some(g) = grads.get(var.as_tensor()) else {
+            let Some(g) = grads.get(name) else {
                 continue;
             };
             let m = ((&self.m[name] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[name] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let step = ((&m / c1)? / ((&v / c2)?.sqrt()? + cfg.eps)?)?;
-            let theta =
-                ((var.as_tensor() * (1.0 - cfg.lr * cfg.weight_decay))? - (step * cfg.lr)?)?;
+            let theta = ((var.as_tensor() * (1.0 - lr * cfg.weight_decay))? - (step * lr)?)?;
             var.set(&theta)?;
             // Detached: gradients carry their backward graph, which must not outlive the step.
             self.m.insert(name.clone(), m.detach());
@@ -173,33 +181,56 @@ impl Trainer {
 
     /// One optimisation step on a batch of clean images (N, C, H, W) and labels; returns the loss.
     pub fn step(&mut self, x0: &Tensor, labels: &[usize]) -> Result<f32> {
+        self.step_accumulated(x0, labels, labels.len())
+    }
+
+    /// One optimisation step on a global batch run as micro-batches of at most `micro` samples
+    /// (gradient accumulation): each micro-batch's mean-loss gradient is weighted by its share
+    /// of the batch and summed, so the update is the one-batch update up to float rounding.
+    /// The random draws (timesteps, label dropout, noise) are made for the whole batch first, in
+    /// the same order whatever `micro` is.
+    pub fn step_accumulated(&mut self, x0: &Tensor, labels: &[usize], micro: usize) -> Result<f32> {
         let n = labels.len();
         let t: Vec<usize> = (0..n)
             .map(|_| self.rng.below(self.diffusion.num_timesteps()))
             .collect();
-        let null = self.model.null_class();
+        let null = self.model.null_class() as u32;
         let y: Vec<u32> = labels
             .iter()
             .map(|&l| {
                 if self.rng.uniform() < self.cfg.class_dropout {
-                    null as u32
+                    null
                 } else {
                     l as u32
                 }
             })
             .collect();
         let noise = self.rng.randn_like(x0)?;
-        let x_t = self.diffusion.q_sample(x0, &t, &noise)?;
-        let y = Tensor::from_vec(y, n, x0.device())?;
-        let out =
-            self.model
-                .forward(&x_t, &self.diffusion.model_timesteps(&t, x0.device())?, &y)?;
-        let loss = self
-            .diffusion
-            .training_losses(&out, x0, &x_t, &noise, &t)?
-            .loss
-            .mean_all()?;
-        let grads = loss.backward()?;
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut total = 0f64;
+        for start in (0..n).step_by(micro.max(1)) {
+            let len = micro.max(1).min(n - start);
+            let share = len as f64 / n as f64;
+            let loss = self.loss(
+                &x0.narrow(0, start, len)?,
+                &t[start..start + len],
+                &noise.narrow(0, start, len)?,
+                &y[start..start + len],
+            )?;
+            total += loss.to_scalar::<f32>()? as f64 * share;
+            let store = loss.backward()?;
+            for (name, var) in &self.params {
+                let Some(g) = store.get(var.as_tensor()) else {
+                    continue;
+                };
+                let g = if len == n { g.clone() } else { (g * share)? };
+                let sum = match grads.remove(name) {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                };
+                grads.insert(name.clone(), sum.detach());
+            }
+        }
         self.opt.update(&self.cfg, &self.params, &grads)?;
         // EMA: ema = d ema + (1 - d) theta.
         let d = self.cfg.ema_decay;
@@ -207,7 +238,22 @@ impl Trainer {
             let e = ((&self.ema[name] * d)? + (var.as_tensor() * (1.0 - d))?)?;
             self.ema.insert(name.clone(), e.detach());
         }
-        Ok(loss.to_scalar::<f32>()?)
+        Ok(total as f32)
+    }
+
+    /// The hybrid loss, averaged over the batch, for given timesteps, noise and labels (after
+    /// dropout; the null class is `num_classes`). Differentiable in the model's variables.
+    pub fn loss(&self, x0: &Tensor, t: &[usize], noise: &Tensor, y: &[u32]) -> Result<Tensor> {
+        let x_t = self.diffusion.q_sample(x0, t, noise)?;
+        let y = Tensor::new(y, x0.device())?;
+        let out = self
+            .model
+            .forward(&x_t, &self.diffusion.model_timesteps(t, x0.device())?, &y)?;
+        Ok(self
+            .diffusion
+            .training_losses(&out, x0, &x_t, noise, t)?
+            .loss
+            .mean_all()?)
     }
 }
 
@@ -343,6 +389,70 @@ mod tests {
             num_classes: 10,
             learn_sigma: true,
         }
+    }
+
+    /// Two trainers from the same init and seed, and a batch of built-in digits.
+    fn twin_trainers(cfg: TrainConfig) -> (Trainer, Trainer, Tensor, Vec<usize>) {
+        let dev = Device::Cpu;
+        let data = crate::data::mnist(&dev).unwrap();
+        let idx: Vec<u32> = (0..6).map(|i| i * 1601).collect();
+        let x0 = data
+            .images
+            .index_select(&Tensor::new(idx.as_slice(), &dev).unwrap(), 0)
+            .unwrap();
+        let labels = idx.iter().map(|&i| data.labels[i as usize]).collect();
+        let init = || reference_init(&tiny(), &mut NoiseRng::new(3)).unwrap();
+        let make = || Trainer::new(&tiny(), init(), cfg.clone(), 5, &dev).unwrap();
+        (make(), make(), x0, labels)
+    }
+
+    fn max_param_diff(a: &Trainer, b: &Trainer) -> f32 {
+        a.params
+            .iter()
+            .zip(&b.params)
+            .map(|((_, x), (_, y))| max_abs_diff(x.as_tensor(), y.as_tensor()))
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn gradient_accumulation_matches_one_batch() {
+        let (mut whole, mut parts, x0, labels) = twin_trainers(TrainConfig {
+            lr: 1e-3,
+            ..Default::default()
+        });
+        for _ in 0..3 {
+            let a = whole.step(&x0, &labels).unwrap();
+            let b = parts.step_accumulated(&x0, &labels, 4).unwrap(); // micro-batches 4 + 2
+            assert!((a - b).abs() < 1e-5 * a.abs(), "loss {a} vs {b}");
+        }
+        let diff = max_param_diff(&whole, &parts);
+        // Adam's update is ~lr per step whatever the gradient's size: differences of rounding
+        // stay far below one step (1e-3), a wrong weighting of the parts would not.
+        assert!(diff < 5e-5, "parameters differ by {diff}");
+    }
+
+    #[test]
+    fn warm_up_scales_the_first_steps() {
+        let (mut plain, mut warm, x0, labels) = twin_trainers(TrainConfig::default());
+        warm.cfg.warmup_steps = 4;
+        let before: Vec<Tensor> = plain
+            .params
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy().unwrap())
+            .collect();
+        plain.step(&x0, &labels).unwrap();
+        warm.step(&x0, &labels).unwrap();
+        // Adam's first step moves every parameter with a gradient by lr (times g / (|g| + eps)).
+        let moved = |tr: &Trainer| {
+            tr.params
+                .iter()
+                .zip(&before)
+                .map(|((_, v), b)| max_abs_diff(v.as_tensor(), b))
+                .fold(0.0, f32::max)
+        };
+        let (p, w) = (moved(&plain), moved(&warm));
+        assert!((p - 1e-4).abs() < 1e-6, "{p}");
+        assert!((w - 0.25e-4).abs() < 1e-6, "{w}");
     }
 
     #[test]

@@ -1,0 +1,6 @@
+//! Evaluation: Fréchet distances between feature statistics, and the built-in set's classifier.
+
+pub mod classifier;
+pub mod frechet;
+
+pub use frechet::{frechet_distance, GaussianStats};
