@@ -42,6 +42,12 @@ enum Command {
     EvalBuiltin(Box<eval_builtin::EvalBuiltinArgs>),
     /// Train the classifier that `eval-builtin` uses, on the built-in digits.
     TrainClassifier(eval_builtin::TrainClassifierArgs),
+    /// Render the loss curve of a `dit train` log (log.jsonl) to a PNG.
+    PlotLoss {
+        log: std::path::PathBuf,
+        #[arg(long, default_value = "loss.png")]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() {
@@ -62,6 +68,9 @@ fn main() {
         Command::Train(args) => train::run(*args),
         Command::EvalBuiltin(args) => eval_builtin::run(*args),
         Command::TrainClassifier(args) => eval_builtin::train_classifier(args),
+        Command::PlotLoss { log, out } => train::plot_loss(&log, &out).map(|()| {
+            println!("wrote {}", out.display());
+        }),
     };
     if let Err(e) = result {
         // One clear line, no backtrace: bad input is not a crash.

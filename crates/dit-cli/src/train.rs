@@ -22,8 +22,20 @@ pub struct TrainArgs {
     resume: Option<PathBuf>,
     #[arg(long, default_value_t = 10_000)]
     steps: usize,
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    /// Images per optimisation step.
+    #[arg(long, alias = "batch-size", default_value_t = 64)]
+    global_batch_size: usize,
+    /// Images per forward/backward pass; smaller than the global batch means gradient
+    /// accumulation (same update, less memory). Default: the global batch.
+    #[arg(long)]
+    micro_batch_size: Option<usize>,
+    /// Linear learning-rate warm-up over this many steps (0: constant, as the paper).
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// Mirror each training image with probability 1/2 (the paper's augmentation; off for
+    /// digits, which are not mirror-symmetric).
+    #[arg(long)]
+    flip: bool,
     #[arg(long, default_value_t = 1e-4)]
     lr: f64,
     #[arg(long, default_value_t = 0.9999)]
@@ -45,17 +57,22 @@ pub struct TrainArgs {
     /// Checkpoints kept (the newest).
     #[arg(long, default_value_t = 3)]
     keep: usize,
+    /// Write a grid of EMA samples (two per class) to OUT/samples/ every N steps (0: never).
+    #[arg(long, default_value_t = 1000)]
+    sample_every: usize,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let dev = Device::Cpu;
-    if a.batch_size == 0 || a.steps == 0 {
-        bail!("--steps and --batch-size must be at least 1");
+    let micro = a.micro_batch_size.unwrap_or(a.global_batch_size);
+    if a.global_batch_size == 0 || a.steps == 0 || micro == 0 {
+        bail!("--steps, --global-batch-size and --micro-batch-size must be at least 1");
     }
     let data = dit::data::mnist(&dev)?;
     let cfg = TrainConfig {
         lr: a.lr,
         ema_decay: a.ema_decay,
+        warmup_steps: a.warmup,
         ..Default::default()
     };
     let (mut tr, mut pos) = match &a.resume {
@@ -93,15 +110,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let (mut window_loss, mut window_start, mut last_ckpt) = (0f64, Instant::now(), None);
     let n = data.labels.len();
     while tr.opt.step < a.steps {
-        let idx = batch_indices(n, a.seed, pos, a.batch_size);
+        let idx = batch_indices(n, a.seed, pos, a.global_batch_size);
         let ids = Tensor::new(
             idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(),
             &dev,
         )?;
-        let x = data.images.index_select(&ids, 0)?;
+        let mut x = data.images.index_select(&ids, 0)?;
+        if a.flip {
+            x = dit::data::random_flips(&x, a.seed, pos)?;
+        }
         let labels: Vec<usize> = idx.iter().map(|&i| data.labels[i]).collect();
-        let loss = tr.step(&x, &labels)?;
-        pos += a.batch_size;
+        let loss = tr.step_accumulated(&x, &labels, micro)?;
+        pos += a.global_batch_size;
         if !loss.is_finite() {
             bail!(
                 "loss became {loss} at step {}; stopping. The last good checkpoint is {}",
@@ -122,7 +142,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let mean = window_loss / steps_in as f64;
             let line = serde_json::json!({
                 "step": step, "loss": mean, "steps_per_s": steps_in as f64 / secs,
-                "images_per_s": (steps_in * a.batch_size) as f64 / secs,
+                "images_per_s": (steps_in * a.global_batch_size) as f64 / secs,
             });
             writeln!(log, "{line}")?;
             bar.set_message(format!("loss {mean:.4}"));
@@ -132,6 +152,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         if step % a.ckpt_every == 0 || step == a.steps {
             last_ckpt = Some(tr.save(&a.out, pos)?);
             prune(&a.out, a.keep)?;
+            plot_loss(&log_path, &a.out.join("loss.png"))?;
+        }
+        if a.sample_every > 0 && (step % a.sample_every == 0 || step == a.steps) {
+            let path = a.out.join("samples").join(format!("step-{step:07}.png"));
+            bar.suspend(|| sample_grid(&tr, &path))?;
         }
     }
     bar.finish();
@@ -142,6 +167,51 @@ pub fn run(a: TrainArgs) -> Result<()> {
             p.display()
         );
     }
+    Ok(())
+}
+
+/// Two samples per class from the EMA weights (50 DDPM steps, guidance 4), as one grid.
+fn sample_grid(tr: &Trainer, path: &std::path::Path) -> Result<()> {
+    let cfg = &tr.model.config;
+    let ema = tr.ema.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let model = dit::checkpoint::build_model(cfg, ema, candle_core::DType::F32, &Device::Cpu)?;
+    let labels: Vec<usize> = (0..2).flat_map(|_| 0..cfg.num_classes.min(10)).collect();
+    let mut rng = NoiseRng::new(0);
+    let shape = (
+        labels.len(),
+        cfg.in_channels,
+        cfg.input_size,
+        cfg.input_size,
+    );
+    let noise = rng.randn_like(&Tensor::zeros(
+        shape,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?)?;
+    let opts = dit::pipeline::SampleOptions {
+        steps: 50,
+        clip_denoised: true,
+        ..Default::default()
+    };
+    let x = dit::pipeline::sample_latents(&model, &labels, noise, &opts, &mut rng, |_| {})?;
+    let rgb = dit::image_io::to_rgb_images(&x.clamp(-1f32, 1f32)?)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    dit::image_io::save_png(
+        &dit::image_io::make_grid(&rgb, cfg.num_classes.min(10), 2),
+        path,
+    )?;
+    Ok(())
+}
+
+/// Renders the loss column of a training log to a PNG.
+pub fn plot_loss(log: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let points = dit::plot::read_loss_log(log)?;
+    if points.is_empty() {
+        return Ok(());
+    }
+    dit::image_io::save_png(&dit::plot::loss_curve(&points, 800, 500)?, out)?;
     Ok(())
 }
 

@@ -132,12 +132,12 @@ fn same_seed_same_samples_and_a_png_grid() {
         ]);
         succeeds(&out);
         let img = image::open(&png).unwrap();
-        // 3 images of 32 px in one row with 2 px padding.
-        assert_eq!((img.width(), img.height()), (3 * 34 + 2, 36));
+        // The embedded model: 3 digits of 28 px in one row with 2 px padding.
+        assert_eq!((img.width(), img.height()), (3 * 30 + 2, 32));
         Tensor::read_npy(&lat).unwrap()
     };
     let (a, b, c) = (run("7", "a"), run("7", "b"), run("8", "c"));
-    assert_eq!(a.dims(), [3, 3, 32, 32]);
+    assert_eq!(a.dims(), [3, 1, 28, 28]);
     assert_eq!(rel_l2(&a, &b), 0.0);
     assert!(rel_l2(&a, &c) > 0.1);
 }
@@ -196,6 +196,12 @@ fn train_logs_checkpoints_resumes_and_samples() {
         "3",
         "--keep",
         "2",
+        "--sample-every",
+        "6",
+        "--micro-batch-size",
+        "3",
+        "--warmup",
+        "2",
     ];
     let mut args = vec!["train", "--out", p(&out), "--steps", "6"];
     args.extend_from_slice(&tiny);
@@ -216,6 +222,12 @@ fn train_logs_checkpoints_resumes_and_samples() {
         .iter()
         .all(|l| l["loss"].as_f64().unwrap().is_finite()
             && l["images_per_s"].as_f64().unwrap() > 0.0));
+    // A loss plot beside the checkpoints; an EMA sample grid at step 6 (10 classes x 2 rows of
+    // 28 px with 2 px padding).
+    let plot = image::open(out.join("loss.png")).unwrap();
+    assert_eq!((plot.width(), plot.height()), (800, 500));
+    let grid = image::open(out.join("samples/step-0000006.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (10 * 30 + 2, 2 * 30 + 2));
     // Checkpoints at 3 and 6, both kept; resuming from 6 continues to 9 and prunes 3.
     assert!(
         out.join("step-0000003/state.json").is_file()
@@ -249,6 +261,38 @@ fn train_logs_checkpoints_resumes_and_samples() {
     ]));
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (2 * 30 + 2, 32));
+}
+
+#[test]
+fn eval_builtin_reports_accuracy_and_frechet_distance() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("m.json");
+    let out = dit(&[
+        "eval-builtin",
+        "--per-class",
+        "3",
+        "--steps",
+        "5",
+        "--json",
+        p(&json),
+    ]);
+    succeeds(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("classifier accuracy on generated samples"),
+        "{stdout}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(m["samples"], 30);
+    // The embedded classifier on real held-out digits: well above chance.
+    assert!(m["real_heldout_accuracy"].as_f64().unwrap() > 0.95, "{m}");
+    let (fd, floor) = (
+        m["frechet_distance"].as_f64().unwrap(),
+        m["frechet_distance_real_floor"].as_f64().unwrap(),
+    );
+    assert!(fd.is_finite() && floor > 0.0 && fd > floor, "{m}");
+    assert_eq!(m["per_class_accuracy"].as_array().unwrap().len(), 10);
 }
 
 #[test]

@@ -71,3 +71,76 @@ pub fn mnist(device: &Device) -> Result<LabelledImages> {
         num_classes: 10,
     })
 }
+
+/// Mirrors images (N, C, H, W) left-right.
+pub fn flip_horizontal(x: &Tensor) -> Result<Tensor> {
+    let w = x.dim(3)?;
+    let rev: Vec<u32> = (0..w as u32).rev().collect();
+    Ok(x.index_select(&Tensor::new(rev.as_slice(), x.device())?, 3)?)
+}
+
+/// The paper's augmentation: each image mirrored with probability 1/2. The coin of the sample at
+/// stream position p is a hash of (seed, p), so a resumed run flips exactly as an uninterrupted one.
+pub fn random_flips(x: &Tensor, seed: u64, position: usize) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let flipped = flip_horizontal(x)?;
+    let rows = (0..n)
+        .map(|i| {
+            let heads = splitmix64(seed ^ splitmix64(position as u64 + i as u64)) & 1 == 1;
+            Ok(if heads { flipped.get(i)? } else { x.get(i)? })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flips_mirror_about_half_the_images() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 64.0 * 6.0, &dev)
+            .unwrap()
+            .reshape((64, 1, 2, 3))
+            .unwrap();
+        let f = flip_horizontal(&x).unwrap();
+        assert_eq!(
+            f.get(0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            [2.0, 1.0, 0.0, 5.0, 4.0, 3.0]
+        );
+        let r = random_flips(&x, 7, 100).unwrap();
+        let flipped = (0..64)
+            .filter(|&i| {
+                let (a, b) = (r.get(i).unwrap(), f.get(i).unwrap());
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            })
+            .count();
+        assert!((20..=44).contains(&flipped), "{flipped} of 64 flipped");
+        // Same seed and position, same flips (resume); another position, other flips.
+        let again = random_flips(&x, 7, 100).unwrap();
+        assert_eq!(crate::test_util::max_abs_diff(&r, &again), 0.0);
+        let other = random_flips(&x, 7, 164).unwrap();
+        assert!(crate::test_util::max_abs_diff(&r, &other) > 0.0);
+    }
+}

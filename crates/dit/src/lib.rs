@@ -19,6 +19,7 @@ pub mod image_io;
 pub mod model;
 pub mod ops;
 pub mod pipeline;
+pub mod plot;
 pub mod rng;
 pub mod train;
 pub mod vae;
