@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval_builtin;
+mod extract;
 mod sample;
 mod train;
 
@@ -42,6 +43,8 @@ enum Command {
     EvalBuiltin(Box<eval_builtin::EvalBuiltinArgs>),
     /// Train the classifier that `eval-builtin` uses, on the built-in digits.
     TrainClassifier(eval_builtin::TrainClassifierArgs),
+    /// Encode an image folder with the VAE into a latent store for training.
+    ExtractLatents(extract::ExtractArgs),
     /// Render the loss curve of a `dit train` log (log.jsonl) to a PNG.
     PlotLoss {
         log: std::path::PathBuf,
@@ -68,6 +71,7 @@ fn main() {
         Command::Train(args) => train::run(*args),
         Command::EvalBuiltin(args) => eval_builtin::run(*args),
         Command::TrainClassifier(args) => eval_builtin::train_classifier(args),
+        Command::ExtractLatents(args) => extract::run(args),
         Command::PlotLoss { log, out } => train::plot_loss(&log, &out).map(|()| {
             println!("wrote {}", out.display());
         }),

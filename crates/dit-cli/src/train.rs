@@ -1,4 +1,5 @@
-//! `dit train`: train a class-conditional DiT on the built-in MNIST digits (pixel space).
+//! `dit train`: train a class-conditional DiT on the built-in MNIST digits (pixel space, the
+//! default), a latent store from `dit extract-latents`, or an image folder.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
+use dit::data::TrainingSet;
 use dit::rng::NoiseRng;
 use dit::train::{batch_indices, reference_init, TrainConfig, Trainer};
 use dit::DiTConfig;
@@ -14,6 +16,26 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
 pub struct TrainArgs {
+    /// Training data: a latent store (from `dit extract-latents`) or an image folder (one
+    /// sub-folder per class). Default: the built-in digits.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Image folders: centre-crop size in pixels.
+    #[arg(long, default_value_t = 256)]
+    image_size: usize,
+    /// Image folders without --vae: train in pixel space on 1 (grey) or 3 (RGB) channels.
+    #[arg(long, default_value_t = 3)]
+    channels: usize,
+    /// Image folders: encode each batch with this VAE (a latent model), as `dit sample --vae`.
+    #[arg(long)]
+    vae: Option<String>,
+    /// A named config (DiT-S/2 … DiT-XL/8) instead of --depth/--hidden/--heads/--patch.
+    #[arg(long)]
+    model: Option<String>,
+    /// Fine-tune: start from this checkpoint (.pt, .safetensors or a `dit train` folder; config
+    /// inferred), with the label table resized to the data's classes.
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// Output folder: log.jsonl and step-NNNNNNN checkpoints.
     #[arg(long, default_value = "runs/builtin")]
     out: PathBuf,
@@ -68,7 +90,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.global_batch_size == 0 || a.steps == 0 || micro == 0 {
         bail!("--steps, --global-batch-size and --micro-batch-size must be at least 1");
     }
-    let data = dit::data::mnist(&dev)?;
+    let data = training_set(&a, &dev)?;
+    let (channels, size) = data.input()?;
     let cfg = TrainConfig {
         lr: a.lr,
         ema_decay: a.ema_decay,
@@ -78,22 +101,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let (mut tr, mut pos) = match &a.resume {
         Some(dir) => Trainer::resume(dir, cfg, &dev)?,
         None => {
-            let model = DiTConfig {
-                input_size: 28,
-                patch_size: a.patch,
-                in_channels: 1,
-                hidden_size: a.hidden,
-                depth: a.depth,
-                num_heads: a.heads,
-                mlp_ratio: 4.0,
-                num_classes: data.num_classes,
-                learn_sigma: true,
-            };
-            model.validate()?;
-            let init = reference_init(&model, &mut NoiseRng::new(a.seed))?;
+            let (model, init) = initial_weights(&a, channels, size, data.num_classes())?;
             (Trainer::new(&model, init, cfg, a.seed, &dev)?, 0)
         }
     };
+    let mc = &tr.model.config;
+    if (mc.in_channels, mc.input_size) != (channels, size) || mc.num_classes < data.num_classes() {
+        bail!(
+            "the model takes {} channels at {}x{} with {} classes but the data has {channels} at {size}x{size} with {}",
+            mc.in_channels, mc.input_size, mc.input_size, mc.num_classes, data.num_classes()
+        );
+    }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let log_path = a.out.join("log.jsonl");
@@ -108,18 +126,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     )?);
     bar.set_position(start_step.min(a.steps) as u64);
     let (mut window_loss, mut window_start, mut last_ckpt) = (0f64, Instant::now(), None);
-    let n = data.labels.len();
+    let n = data.len();
     while tr.opt.step < a.steps {
         let idx = batch_indices(n, a.seed, pos, a.global_batch_size);
-        let ids = Tensor::new(
-            idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(),
-            &dev,
-        )?;
-        let mut x = data.images.index_select(&ids, 0)?;
-        if a.flip {
-            x = dit::data::random_flips(&x, a.seed, pos)?;
-        }
-        let labels: Vec<usize> = idx.iter().map(|&i| data.labels[i]).collect();
+        let (x, labels) = data.batch(&idx, a.flip, a.seed, pos, &dev)?;
         let loss = tr.step_accumulated(&x, &labels, micro)?;
         pos += a.global_batch_size;
         if !loss.is_finite() {
@@ -168,6 +178,98 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn training_set(a: &TrainArgs, dev: &Device) -> Result<TrainingSet> {
+    use dit::data::latents::LatentStore;
+    let Some(dir) = &a.data else {
+        return Ok(TrainingSet::Images(dit::data::mnist(dev)?));
+    };
+    if LatentStore::is_store(dir) {
+        return Ok(TrainingSet::Latents(LatentStore::open(dir)?));
+    }
+    let folder = dit::data::folder::ImageFolder::open(dir)?;
+    let vae = match &a.vae {
+        Some(v) => {
+            let w = dit::vae::resolve_weights(v)?;
+            let cfg = dit::vae::VaeConfig::beside(&w)?;
+            let vae = dit::vae::Vae::load(&w, &cfg, candle_core::DType::F32, dev)?;
+            if !a.image_size.is_multiple_of(vae.factor) {
+                bail!(
+                    "--image-size must be a multiple of the VAE's factor {}",
+                    vae.factor
+                );
+            }
+            Some(Box::new(vae))
+        }
+        None => None,
+    };
+    Ok(TrainingSet::Folder {
+        folder,
+        size: a.image_size,
+        channels: a.channels,
+        vae,
+    })
+}
+
+/// The config and starting weights of a new run: fine-tuned from `--init`, a named config, or
+/// the custom dimensions; reference initialisation for the latter two.
+fn initial_weights(
+    a: &TrainArgs,
+    channels: usize,
+    size: usize,
+    num_classes: usize,
+) -> Result<(DiTConfig, dit::checkpoint::Tensors)> {
+    if let Some(path) = &a.init {
+        let (cfg, mut w) = if path.is_dir() {
+            let (cfg, w) = dit::checkpoint::read_training_dir(path)?;
+            (Some(cfg), w)
+        } else {
+            (None, dit::checkpoint::read_tensors(path)?)
+        };
+        let mut cfg = match (cfg, &a.model) {
+            (_, Some(name)) => DiTConfig::named(name, size * 8)?,
+            (Some(cfg), None) => cfg,
+            (None, None) => dit::checkpoint::infer_config(&w, Some(size))?,
+        };
+        cfg.input_size = size;
+        if cfg.in_channels != channels {
+            bail!(
+                "{} takes {} input channels, the data has {channels}",
+                path.display(),
+                cfg.in_channels
+            );
+        }
+        for t in w.values_mut() {
+            *t = t.to_dtype(candle_core::DType::F32)?;
+        }
+        dit::train::resize_label_table(&mut w, num_classes, &mut NoiseRng::new(a.seed))?;
+        cfg.num_classes = num_classes;
+        dit::checkpoint::validate(&cfg, &w)
+            .with_context(|| format!("fine-tuning from {}", path.display()))?;
+        return Ok((cfg, w));
+    }
+    let model = match &a.model {
+        Some(name) => {
+            let mut cfg = DiTConfig::named(name, size * 8)?;
+            (cfg.in_channels, cfg.input_size, cfg.num_classes) = (channels, size, num_classes);
+            cfg
+        }
+        None => DiTConfig {
+            input_size: size,
+            patch_size: a.patch,
+            in_channels: channels,
+            hidden_size: a.hidden,
+            depth: a.depth,
+            num_heads: a.heads,
+            mlp_ratio: 4.0,
+            num_classes,
+            learn_sigma: true,
+        },
+    };
+    model.validate()?;
+    let init = reference_init(&model, &mut NoiseRng::new(a.seed))?;
+    Ok((model, init))
 }
 
 /// Two samples per class from the EMA weights (50 DDPM steps, guidance 4), as one grid.

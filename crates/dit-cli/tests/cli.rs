@@ -295,6 +295,180 @@ fn eval_builtin_reports_accuracy_and_frechet_distance() {
     assert_eq!(m["per_class_accuracy"].as_array().unwrap().len(), 10);
 }
 
+/// An image folder of two classes ("cat": 3 images, "ant": 2, and one corrupt file).
+fn image_folder(root: &Path) {
+    for (class, n) in [("cat", 3u8), ("ant", 2)] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..n {
+            let img = image::RgbImage::from_fn(20, 18, |x, y| {
+                image::Rgb([(x * 12) as u8, (y * 14) as u8, i * 100 + class.len() as u8])
+            });
+            img.save(root.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    std::fs::write(root.join("cat/broken.png"), b"not a png").unwrap();
+}
+
+#[test]
+fn extract_latents_then_train_and_fine_tune_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (images, store) = (dir.path().join("images"), dir.path().join("store"));
+    image_folder(&images);
+    let vae = fixture("tiny_vae_folder");
+    let out = dit(&[
+        "extract-latents",
+        p(&images),
+        "--out",
+        p(&store),
+        "--image-size",
+        "16",
+        "--vae",
+        p(&vae),
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "3",
+    ]);
+    succeeds(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The tiny VAE halves the size: 16 px -> 4x8x8 latents; the corrupt file is counted.
+    assert!(
+        stdout.contains("wrote 5 latents (2 classes, 4x8x8)") && stdout.contains("1 unreadable"),
+        "{stdout}"
+    );
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(store.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["classes"], serde_json::json!(["ant", "cat"]));
+    assert_eq!(index["shards"].as_array().unwrap().len(), 2);
+    let common = [
+        "--steps",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--sample-every",
+        "0",
+        "--log-every",
+        "1",
+        "--flip",
+    ];
+    let run = dir.path().join("run");
+    let mut args = vec![
+        "train",
+        "--data",
+        p(&store),
+        "--out",
+        p(&run),
+        "--depth",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--patch",
+        "2",
+    ];
+    args.extend_from_slice(&common);
+    succeeds(&dit(&args));
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("step-0000002/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["model"]["num_classes"], 2);
+    assert_eq!(state["model"]["in_channels"], 4);
+    assert_eq!(state["model"]["input_size"], 8);
+    // Fine-tuning a 10-class checkpoint (train.py layout) on the 2-class store: the label
+    // table is resized, every other weight kept.
+    let tuned = dir.path().join("tuned");
+    let ckpt = fixture("dit_c10_128.pt");
+    let mut args = vec![
+        "train",
+        "--data",
+        p(&store),
+        "--out",
+        p(&tuned),
+        "--init",
+        p(&ckpt),
+    ];
+    args.extend_from_slice(&common);
+    succeeds(&dit(&args));
+    let w = candle_core::safetensors::load(
+        tuned.join("step-0000002/weights.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(w["model.y_embedder.embedding_table.weight"].dims(), [3, 96]);
+    assert_eq!(w["model.blocks.2.attn.qkv.weight"].dims(), [288, 96]);
+}
+
+#[test]
+fn train_in_pixel_space_from_an_image_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    image_folder(&images);
+    let run = dir.path().join("run");
+    succeeds(&dit(&[
+        "train",
+        "--data",
+        p(&images),
+        "--image-size",
+        "8",
+        "--channels",
+        "3",
+        "--out",
+        p(&run),
+        "--steps",
+        "1",
+        "--global-batch-size",
+        "2",
+        "--depth",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--patch",
+        "2",
+        "--sample-every",
+        "0",
+    ]));
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("step-0000001/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            state["model"]["in_channels"].as_u64(),
+            state["model"]["input_size"].as_u64()
+        ),
+        (Some(3), Some(8))
+    );
+    // A corrupt image met during training is an error naming the file, not a panic.
+    let out = dit(&[
+        "train",
+        "--data",
+        p(&images),
+        "--image-size",
+        "8",
+        "--out",
+        p(&dir.path().join("r2")),
+        "--steps",
+        "3",
+        "--global-batch-size",
+        "6",
+        "--depth",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--patch",
+        "2",
+        "--sample-every",
+        "0",
+    ]);
+    fails_with(&out, "broken.png");
+}
+
 #[test]
 fn missing_checkpoint() {
     fails_with(

@@ -1155,8 +1155,8 @@ mod tests {
         let x = (r(&[2, 5, 48]) * 2.0).unwrap();
         check(
             "gelu",
-            grads_of(|a| gelu_tanh(&a[0]), &[x.clone()]),
-            grads_of(|a| a[0].gelu(), &[x.clone()]),
+            grads_of(|a| gelu_tanh(&a[0]), std::slice::from_ref(&x)),
+            grads_of(|a| a[0].gelu(), std::slice::from_ref(&x)),
         );
         let args = [x.clone(), r(&[2, 48]), r(&[2, 48])];
         check(
@@ -1179,8 +1179,11 @@ mod tests {
         let qkv = r(&[2, 7, 3 * 12]);
         check(
             "attention",
-            grads_of(|a| self_attention(&a[0], 3), &[qkv.clone()]),
-            grads_of(|a| self_attention_unfused(&a[0], 3), &[qkv.clone()]),
+            grads_of(|a| self_attention(&a[0], 3), std::slice::from_ref(&qkv)),
+            grads_of(
+                |a| self_attention_unfused(&a[0], 3),
+                std::slice::from_ref(&qkv),
+            ),
         );
     }
 

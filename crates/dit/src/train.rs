@@ -45,6 +45,35 @@ pub fn reference_init(cfg: &DiTConfig, rng: &mut NoiseRng) -> Result<Tensors> {
     Ok(out)
 }
 
+/// Fine-tuning on a dataset with `num_classes` classes: every pretrained weight is kept except
+/// the label table, whose class rows are drawn afresh (N(0, 0.02), as the reference init) while
+/// the pretrained null row, the unconditional embedding guidance relies on, moves to the new
+/// last row. A table of the right size is left as it is. The positional table is not a weight
+/// (it is recomputed for the model's grid), so it is dropped.
+pub fn resize_label_table(
+    weights: &mut Tensors,
+    num_classes: usize,
+    rng: &mut NoiseRng,
+) -> Result<()> {
+    const NAME: &str = "y_embedder.embedding_table.weight";
+    weights.remove("pos_embed");
+    let table = weights
+        .get(NAME)
+        .ok_or_else(|| crate::Error::Checkpoint(format!("no {NAME} to resize")))?;
+    let (rows, hidden) = table.dims2()?;
+    if rows == num_classes + 1 {
+        return Ok(());
+    }
+    let null = table.narrow(0, rows - 1, 1)?.to_dtype(DType::F32)?;
+    let fresh = (rng.randn_like(&Tensor::zeros(
+        (num_classes, hidden),
+        DType::F32,
+        table.device(),
+    )?)? * 0.02)?;
+    weights.insert(NAME.to_string(), Tensor::cat(&[fresh, null], 0)?);
+    Ok(())
+}
+
 /// Hyper-parameters of a run (the paper's by default).
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -412,6 +441,34 @@ mod tests {
             .zip(&b.params)
             .map(|((_, x), (_, y))| max_abs_diff(x.as_tensor(), y.as_tensor()))
             .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn fine_tuning_resizes_only_the_label_table() {
+        let mut w = reference_init(&tiny(), &mut NoiseRng::new(0)).unwrap();
+        let before = w.clone();
+        let old = &before["y_embedder.embedding_table.weight"];
+        resize_label_table(&mut w, 3, &mut NoiseRng::new(1)).unwrap();
+        let new = &w["y_embedder.embedding_table.weight"];
+        assert_eq!(new.dims(), [4, 64]);
+        // The null row (last) is carried over; the other weights are untouched.
+        let (rows, _) = old.dims2().unwrap();
+        assert_eq!(
+            max_abs_diff(&new.get(3).unwrap(), &old.get(rows - 1).unwrap()),
+            0.0
+        );
+        assert_eq!(
+            max_abs_diff(
+                &w["blocks.0.attn.qkv.weight"],
+                &before["blocks.0.attn.qkv.weight"]
+            ),
+            0.0
+        );
+        let cfg = DiTConfig {
+            num_classes: 3,
+            ..tiny()
+        };
+        crate::checkpoint::validate(&cfg, &w).unwrap();
     }
 
     #[test]

@@ -416,6 +416,9 @@ pub struct Vae {
     decoder: Coder,
     quant_conv: Conv,
     post_quant_conv: Conv,
+    /// Pixels per latent along each side (8 for SD's VAE).
+    pub factor: usize,
+    pub latent_channels: usize,
 }
 
 impl Vae {
@@ -426,6 +429,8 @@ impl Vae {
             decoder: Coder::decoder(cfg, vb.pp("decoder"))?,
             quant_conv: Conv::new(2 * l, 2 * l, 1, 1, vb.pp("quant_conv"))?,
             post_quant_conv: Conv::new(l, l, 1, 1, vb.pp("post_quant_conv"))?,
+            factor: 1 << cfg.block_out_channels.len().saturating_sub(1),
+            latent_channels: l,
         })
     }
 
@@ -442,6 +447,11 @@ impl Vae {
             VarBuilder::from_pth(weights, dtype, device).map_err(|e| bad(&e))?
         };
         Self::new(cfg, vb).map_err(|e| bad(&e))
+    }
+
+    /// The dtype of the weights (inputs must match).
+    pub fn dtype(&self) -> DType {
+        self.quant_conv.weight.dtype()
     }
 
     /// Latents (N, 4, h, w), already multiplied by [`LATENT_SCALE`], to images (N, 3, 8h, 8w) in [-1, 1].

@@ -115,7 +115,7 @@ impl Classifier {
 
 /// The held-out split of the built-in set: every tenth image.
 pub fn is_held_out(index: usize) -> bool {
-    index % 10 == 0
+    index.is_multiple_of(10)
 }
 
 /// Trains a classifier on the images not held out (seeded: Kaiming-uniform weights as torch's

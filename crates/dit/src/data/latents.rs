@@ -1,0 +1,304 @@
+//! A sharded on-disk store of VAE latents and labels: written by `dit extract-latents`, read by
+//! training with random access (memory-mapped shards, so a store larger than RAM works).
+//!
+//! Layout: `DIR/index.json` (counts, shapes, class names, shard files) and `DIR/shard-NNNNN.safetensors`,
+//! each with `latents` and `latents_flip` (f32, (n, C, h, w): the image and its mirror, as
+//! fast-DiT extracts them) and `labels` (i64, (n)). Files are written to a temporary name and
+//! renamed, so a killed extraction never leaves a half-written shard under a real name.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreIndex {
+    pub count: usize,
+    /// (C, h, w) of one latent.
+    pub latent_shape: [usize; 3],
+    pub image_size: usize,
+    pub classes: Vec<String>,
+    /// (file name, samples) per shard, in order.
+    pub shards: Vec<(String, usize)>,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Accumulates latents and writes a shard every `shard_size` samples.
+pub struct LatentStoreWriter {
+    dir: PathBuf,
+    shard_size: usize,
+    index: StoreIndex,
+    latents: Vec<f32>,
+    flipped: Vec<f32>,
+    labels: Vec<i64>,
+}
+
+impl LatentStoreWriter {
+    pub fn create(
+        dir: &Path,
+        latent_shape: [usize; 3],
+        image_size: usize,
+        classes: Vec<String>,
+        shard_size: usize,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shard_size: shard_size.max(1),
+            index: StoreIndex {
+                count: 0,
+                latent_shape,
+                image_size,
+                classes,
+                shards: Vec::new(),
+            },
+            latents: Vec::new(),
+            flipped: Vec::new(),
+            labels: Vec::new(),
+        })
+    }
+
+    /// Adds latents (n, C, h, w) of n images, those of their mirrors, and their labels.
+    pub fn push(&mut self, latents: &Tensor, flipped: &Tensor, labels: &[usize]) -> Result<()> {
+        let [c, h, w] = self.index.latent_shape;
+        let want = [labels.len(), c, h, w];
+        for t in [latents, flipped] {
+            if t.dims() != want {
+                return Err(Error::Input(format!(
+                    "latents of shape {:?} do not fit the store's {want:?}",
+                    t.dims()
+                )));
+            }
+        }
+        self.latents
+            .extend(latents.flatten_all()?.to_vec1::<f32>()?);
+        self.flipped
+            .extend(flipped.flatten_all()?.to_vec1::<f32>()?);
+        self.labels.extend(labels.iter().map(|&l| l as i64));
+        while self.labels.len() >= self.shard_size {
+            self.write_shard(self.shard_size)?;
+        }
+        Ok(())
+    }
+
+    fn write_shard(&mut self, n: usize) -> Result<()> {
+        let [c, h, w] = self.index.latent_shape;
+        let per = c * h * w;
+        let name = format!("shard-{:05}.safetensors", self.index.shards.len());
+        let dev = Device::Cpu;
+        let lat: Vec<f32> = self.latents.drain(..n * per).collect();
+        let flip: Vec<f32> = self.flipped.drain(..n * per).collect();
+        let labels: Vec<i64> = self.labels.drain(..n).collect();
+        let tensors = [
+            ("latents", Tensor::from_vec(lat, (n, c, h, w), &dev)?),
+            ("latents_flip", Tensor::from_vec(flip, (n, c, h, w), &dev)?),
+            ("labels", Tensor::from_vec(labels, n, &dev)?),
+        ];
+        let path = self.dir.join(&name);
+        let tmp = path.with_extension("tmp");
+        candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        self.index.shards.push((name, n));
+        self.index.count += n;
+        Ok(())
+    }
+
+    /// Writes the last partial shard and the index; returns the number of samples stored.
+    pub fn finish(mut self) -> Result<usize> {
+        let rest = self.labels.len();
+        if rest > 0 {
+            self.write_shard(rest)?;
+        }
+        let json =
+            serde_json::to_string_pretty(&self.index).map_err(|e| Error::Input(e.to_string()))?;
+        write_atomic(&self.dir.join("index.json"), json.as_bytes())?;
+        Ok(self.index.count)
+    }
+}
+
+/// A store opened for reading.
+pub struct LatentStore {
+    pub index: StoreIndex,
+    shards: Vec<memmap2::Mmap>,
+    /// First global sample index of each shard.
+    starts: Vec<usize>,
+}
+
+impl LatentStore {
+    /// Whether `dir` holds a latent store (has an `index.json`).
+    pub fn is_store(dir: &Path) -> bool {
+        dir.join("index.json").is_file()
+    }
+
+    pub fn open(dir: &Path) -> Result<Self> {
+        let bad = |m: String| Error::Input(format!("latent store {}: {m}", dir.display()));
+        let path = dir.join("index.json");
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let index: StoreIndex = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let [c, h, w] = index.latent_shape;
+        let (mut shards, mut starts, mut start) = (Vec::new(), Vec::new(), 0);
+        for (name, n) in &index.shards {
+            let p = dir.join(name);
+            let file = std::fs::File::open(&p).map_err(io_err(&p))?;
+            // SAFETY: the shard is only read; a store is not modified while a run reads it.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(&p))?;
+            let st = safetensors::SafeTensors::deserialize(&mmap)
+                .map_err(|e| bad(format!("{name}: {e}")))?;
+            for (key, shape, dtype) in [
+                ("latents", vec![*n, c, h, w], safetensors::Dtype::F32),
+                ("latents_flip", vec![*n, c, h, w], safetensors::Dtype::F32),
+                ("labels", vec![*n], safetensors::Dtype::I64),
+            ] {
+                let t = st
+                    .tensor(key)
+                    .map_err(|e| bad(format!("{name}: {key}: {e}")))?;
+                if t.shape() != shape.as_slice() || t.dtype() != dtype {
+                    return Err(bad(format!(
+                        "{name}: {key} is {:?} {:?}, expected {dtype:?} {shape:?}",
+                        t.dtype(),
+                        t.shape()
+                    )));
+                }
+            }
+            starts.push(start);
+            start += n;
+            shards.push(mmap);
+        }
+        if start != index.count {
+            return Err(bad(format!(
+                "shards hold {start} samples, index says {}",
+                index.count
+            )));
+        }
+        Ok(Self {
+            index,
+            shards,
+            starts,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.count == 0
+    }
+
+    /// Latents (N, C, h, w) and labels of samples `idx`, the mirrored version where `flip[i]`.
+    pub fn batch(
+        &self,
+        idx: &[usize],
+        flip: &[bool],
+        device: &Device,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let [c, h, w] = self.index.latent_shape;
+        let per = c * h * w;
+        let mut data = Vec::with_capacity(idx.len() * per);
+        let mut labels = Vec::with_capacity(idx.len());
+        for (k, &i) in idx.iter().enumerate() {
+            if i >= self.len() {
+                return Err(Error::Input(format!(
+                    "sample {i} of a store of {}",
+                    self.len()
+                )));
+            }
+            let s = self.starts.partition_point(|&st| st <= i) - 1;
+            let j = i - self.starts[s];
+            let st = safetensors::SafeTensors::deserialize(&self.shards[s])
+                .map_err(|e| Error::Input(e.to_string()))?;
+            let key = if flip.get(k).copied().unwrap_or(false) {
+                "latents_flip"
+            } else {
+                "latents"
+            };
+            let bytes = st.tensor(key).map_err(|e| Error::Input(e.to_string()))?;
+            let bytes = &bytes.data()[j * per * 4..(j + 1) * per * 4];
+            data.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            let lb = st
+                .tensor("labels")
+                .map_err(|e| Error::Input(e.to_string()))?;
+            let lb = &lb.data()[j * 8..(j + 1) * 8];
+            labels.push(i64::from_le_bytes(lb.try_into().expect("8 bytes")) as usize);
+        }
+        Ok((
+            Tensor::from_vec(data, (idx.len(), c, h, w), device)?,
+            labels,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_across_shards_with_flips() {
+        let dir = std::env::temp_dir().join(format!("dit-store-{}", std::process::id()));
+        let dev = Device::Cpu;
+        let mut w = LatentStoreWriter::create(&dir, [2, 2, 2], 16, vec!["a".into(), "b".into()], 3)
+            .unwrap();
+        let lat = Tensor::arange(0f32, 7.0 * 8.0, &dev)
+            .unwrap()
+            .reshape((7, 2, 2, 2))
+            .unwrap();
+        let flip = (lat.neg().unwrap() - 1.0).unwrap();
+        let labels = [0, 1, 1, 0, 1, 0, 0];
+        w.push(
+            &lat.narrow(0, 0, 4).unwrap(),
+            &flip.narrow(0, 0, 4).unwrap(),
+            &labels[..4],
+        )
+        .unwrap();
+        w.push(
+            &lat.narrow(0, 4, 3).unwrap(),
+            &flip.narrow(0, 4, 3).unwrap(),
+            &labels[4..],
+        )
+        .unwrap();
+        assert!(w
+            .push(&lat, &lat.narrow(0, 0, 6).unwrap(), &labels)
+            .is_err());
+        assert_eq!(w.finish().unwrap(), 7);
+        let s = LatentStore::open(&dir).unwrap();
+        assert_eq!((s.len(), s.index.shards.len()), (7, 3)); // 3 + 3 + 1
+        let (x, l) = s.batch(&[6, 0, 4], &[false, true, false], &dev).unwrap();
+        assert_eq!(l, [0, 0, 1]);
+        let want = Tensor::cat(
+            &[
+                lat.get(6).unwrap().unsqueeze(0).unwrap(),
+                flip.get(0).unwrap().unsqueeze(0).unwrap(),
+                lat.get(4).unwrap().unsqueeze(0).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(crate::test_util::max_abs_diff(&x, &want), 0.0);
+        assert!(s.batch(&[7], &[false], &dev).is_err());
+        // A truncated shard is an error naming it, not a panic.
+        let shard = dir.join("shard-00001.safetensors");
+        let bytes = std::fs::read(&shard).unwrap();
+        std::fs::write(&shard, &bytes[..bytes.len() - 10]).unwrap();
+        let err = LatentStore::open(&dir).err().unwrap().to_string();
+        assert!(err.contains("shard-00001"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
