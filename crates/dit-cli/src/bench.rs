@@ -1,4 +1,5 @@
-//! `dit bench`: images/s of our forward pass (and VAE decode) for the comparison script in bench/.
+//! `dit bench`: images/s of our forward pass (and VAE decode), or training steps/s, for the
+//! comparison scripts in bench/.
 
 use std::time::Instant;
 
@@ -31,6 +32,41 @@ pub struct BenchArgs {
     /// Also time the SD VAE decode of one image of this size (random weights).
     #[arg(long)]
     vae: bool,
+    /// Time training steps (forward, backward, AdamW, EMA; f32) instead of the forward pass.
+    #[arg(long)]
+    train: bool,
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB; 0 where /proc is unavailable.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Training steps/s of each model on random latents (N, 4, h, w) and labels.
+fn bench_train(a: &BenchArgs, dev: &Device) -> Result<()> {
+    use dit::rng::NoiseRng;
+    use dit::train::{reference_init, TrainConfig, Trainer};
+    for name in &a.models {
+        let cfg = DiTConfig::named(name, a.image_size)?;
+        let init = reference_init(&cfg, &mut NoiseRng::new(0))?;
+        let mut tr = Trainer::new(&cfg, init, TrainConfig::default(), 0, dev)?;
+        let n = a.batch_size;
+        let x = Tensor::randn(0f32, 1.0, (n, 4, cfg.input_size, cfg.input_size), dev)?;
+        let labels: Vec<usize> = (0..n).map(|i| i * 131 % 1000).collect();
+        let s = time(a.iters, || {
+            tr.step(&x, &labels)?;
+            Ok(())
+        })?;
+        println!("{{\"what\": \"train_step\", \"model\": \"{name}\", \"batch\": {n}, \"seconds\": {s:.4}, \"steps_per_s\": {:.4}, \"peak_rss_mib\": {:.0}}}", 1.0 / s, peak_rss_mib());
+    }
+    Ok(())
 }
 
 fn time<F: FnMut() -> Result<()>>(iters: usize, mut f: F) -> Result<f64> {
@@ -67,6 +103,9 @@ where
 pub fn run(a: BenchArgs) -> Result<()> {
     let dev = Device::Cpu;
     let dtype = a.dtype.dtype_on(&dev)?;
+    if a.train {
+        return bench_train(&a, &dev);
+    }
     for name in &a.models {
         let cfg = DiTConfig::named(name, a.image_size)?;
         // Random weights: timing does not depend on the values.

@@ -470,6 +470,54 @@ fn train_in_pixel_space_from_an_image_folder() {
 }
 
 #[test]
+fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // lr 1e30: the first update blows the weights up, the second loss overflows.
+    let out = dit(&[
+        "train",
+        "--out",
+        p(&run),
+        "--steps",
+        "5",
+        "--lr",
+        "1e30",
+        "--ckpt-every",
+        "1",
+        "--global-batch-size",
+        "2",
+        "--depth",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--patch",
+        "4",
+        "--sample-every",
+        "0",
+    ]);
+    fails_with(&out, "stopping. The last good checkpoint is");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("step-0000001"), "{stderr}");
+    assert!(run.join("step-0000001/weights.safetensors").is_file());
+    assert!(!run.join("step-0000002").exists());
+    // The kept checkpoint still loads.
+    let png = dir.path().join("s.png");
+    succeeds(&dit(&[
+        "sample",
+        "--ckpt",
+        p(&run.join("step-0000001")),
+        "--steps",
+        "2",
+        "--labels",
+        "1",
+        "--out",
+        p(&png),
+    ]));
+}
+
+#[test]
 fn missing_checkpoint() {
     fails_with(
         &dit(&["sample", "--ckpt", "/nonexistent/DiT-XL-2-256x256.pt"]),
