@@ -224,17 +224,14 @@ impl Module for Linear {
                 Tensor::from_vec(y, shape, x.device())
             }
             _ if x.track_op() || self.inner.weight().track_op() => {
-                // Training: one 2-D GEMM and a bias add whose backward pass is a GEMM too.
+                // Training: one 2-D GEMM onto the bias (its backward pass: GEMMs too).
                 let dims = x.dims().to_vec();
                 let k = *dims.last().unwrap_or(&0);
                 let w = self.inner.weight();
-                let y = x
-                    .contiguous()?
-                    .reshape((x.elem_count() / k.max(1), k))?
-                    .matmul(&w.t()?)?;
+                let x2 = x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?;
                 let y = match self.inner.bias() {
-                    Some(b) => crate::ops::add_bias_rows(&y, b)?,
-                    None => y,
+                    Some(b) => crate::ops::linear(&x2, w, b)?,
+                    None => x2.matmul(&w.t()?)?,
                 };
                 let mut shape = dims;
                 *shape.last_mut().expect("rank >= 1") = w.dim(0)?;

@@ -142,22 +142,23 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// y + b for y (M, N) and a bias b (N), f32 on the CPU. Its backward pass sums the gradient over
-/// the rows with a GEMM (1 x M times M x N): candle's broadcast_add reduces over the rows with a
-/// single-threaded strided loop, which was 14% of a training step.
-pub fn add_bias_rows(y: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if y.device().is_cpu() && y.dtype() == DType::F32 && b.dtype() == DType::F32 {
-        y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+/// x W^T + b for x (M, K), W (N, K), b (N): one GEMM accumulating onto the bias rows, f32 on the
+/// CPU (candle's ops elsewhere). As one op it keeps only its inputs for the backward pass, as
+/// torch's addmm does; a matmul followed by a bias add kept the (M, N) product alive twice.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fusable(&[x, w, b]) && x.dtype() == DType::F32 {
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
     } else {
-        y.broadcast_add(b)
+        x.matmul(&w.t()?)?.broadcast_add(b)
     }
 }
 
-struct BiasAdd;
+struct LinearOp;
 
-impl candle_core::CustomOp2 for BiasAdd {
+impl candle_core::CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "bias-add"
+        "linear"
     }
 
     fn cpu_fwd(
@@ -166,29 +167,74 @@ impl candle_core::CustomOp2 for BiasAdd {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, b) = (cpu_slice::<f32>(s1, l1)?, cpu_slice::<f32>(s2, l2)?);
-        let n = b.len();
-        let mut out = y.to_vec();
-        out.par_chunks_mut(n * (CHUNK / n).max(1)).for_each(|rows| {
-            for row in rows.chunks_exact_mut(n) {
-                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 || l3.shape().dims1()? != n {
+            candle_core::bail!(
+                "linear: x {:?}, w {:?}, b {:?}",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let (x, w, b) = (
+            cpu_slice::<f32>(s1, l1)?,
+            cpu_slice::<f32>(s2, l2)?,
+            cpu_slice::<f32>(s3, l3)?,
+        );
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        for _ in 0..m {
+            out.extend_from_slice(b);
+        }
+        // SAFETY: out is m x n (row stride n), x is m x k (row stride k), W^T is read from the
+        // n x k row-major w with strides (1, k); all in bounds.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
+    /// dx = g W, dW = g^T x, db = 1^T g (a GEMM, not a strided reduction).
     fn bwd(
         &self,
-        y: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
         _b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (m, n) = y.dims2()?;
-        let ones = Tensor::ones((1, m), DType::F32, y.device())?;
-        let db = ones.matmul(&grad.contiguous()?)?.reshape(n)?;
-        Ok((Some(grad.clone()), Some(db)))
+    ) -> Result<Grads3> {
+        let m = x.dim(0)?;
+        let n = w.dim(0)?;
+        let g = grad.contiguous()?;
+        let ones = Tensor::ones((1, m), DType::F32, x.device())?;
+        Ok((
+            Some(g.matmul(w)?),
+            Some(g.t()?.matmul(x)?),
+            Some(ones.matmul(&g)?.reshape(n)?),
+        ))
     }
 }
 
@@ -1170,12 +1216,15 @@ mod tests {
             grads_of(|a| gated_residual(&a[0], &a[1], &a[2]), &args),
             grads_of(|a| gated_residual_unfused(&a[0], &a[1], &a[2]), &args),
         );
-        let args = [r(&[9, 20]), r(&[20])];
+        let args = [r(&[9, 20]), r(&[7, 20]), r(&[7])];
+        let unfused = |a: &[Tensor]| a[0].matmul(&a[1].t()?)?.broadcast_add(&a[2]);
         check(
-            "bias add",
-            grads_of(|a| add_bias_rows(&a[0], &a[1]), &args),
-            grads_of(|a| a[0].broadcast_add(&a[1]), &args),
+            "linear",
+            grads_of(|a| linear(&a[0], &a[1], &a[2]), &args),
+            grads_of(unfused, &args),
         );
+        let y = linear(&args[0], &args[1], &args[2]).unwrap();
+        assert!(max_abs_diff(&y, &unfused(&args).unwrap()) < 1e-5);
         let qkv = r(&[2, 7, 3 * 12]);
         check(
             "attention",
