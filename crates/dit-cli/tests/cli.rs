@@ -52,6 +52,13 @@ fn sample_c10(extra: &[&str]) -> Output {
     dit(&args)
 }
 
+/// `dit train` with a tiny model (depth 1, width 32, 2 heads) and these arguments.
+fn train_tiny(args: &[&str]) -> Output {
+    let mut all = vec!["train", "--depth", "1", "--hidden", "32", "--heads", "2"];
+    all.extend_from_slice(args);
+    dit(&all)
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -182,12 +189,6 @@ fn train_logs_checkpoints_resumes_and_samples() {
     let tiny = [
         "--batch-size",
         "4",
-        "--depth",
-        "1",
-        "--hidden",
-        "32",
-        "--heads",
-        "2",
         "--patch",
         "4",
         "--log-every",
@@ -203,9 +204,9 @@ fn train_logs_checkpoints_resumes_and_samples() {
         "--warmup",
         "2",
     ];
-    let mut args = vec!["train", "--out", p(&out), "--steps", "6"];
+    let mut args = vec!["--out", p(&out), "--steps", "6"];
     args.extend_from_slice(&tiny);
-    succeeds(&dit(&args));
+    succeeds(&train_tiny(&args));
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = log
         .lines()
@@ -234,17 +235,9 @@ fn train_logs_checkpoints_resumes_and_samples() {
             && out.join("step-0000006/weights.safetensors").is_file()
     );
     let resume = out.join("step-0000006");
-    let mut args = vec![
-        "train",
-        "--out",
-        p(&out),
-        "--steps",
-        "9",
-        "--resume",
-        p(&resume),
-    ];
+    let mut args = vec!["--out", p(&out), "--steps", "9", "--resume", p(&resume)];
     args.extend_from_slice(&tiny);
-    succeeds(&dit(&args));
+    succeeds(&train_tiny(&args));
     assert!(out.join("step-0000009").is_dir() && !out.join("step-0000003").exists());
     // The checkpoint samples (EMA weights, its own config): 28x28 digits, a grid of two.
     let png = dir.path().join("s.png");
@@ -352,23 +345,9 @@ fn extract_latents_then_train_and_fine_tune_from_the_store() {
         "--flip",
     ];
     let run = dir.path().join("run");
-    let mut args = vec![
-        "train",
-        "--data",
-        p(&store),
-        "--out",
-        p(&run),
-        "--depth",
-        "1",
-        "--hidden",
-        "32",
-        "--heads",
-        "2",
-        "--patch",
-        "2",
-    ];
+    let mut args = vec!["--data", p(&store), "--out", p(&run), "--patch", "2"];
     args.extend_from_slice(&common);
-    succeeds(&dit(&args));
+    succeeds(&train_tiny(&args));
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(run.join("step-0000002/state.json")).unwrap(),
     )
@@ -380,17 +359,9 @@ fn extract_latents_then_train_and_fine_tune_from_the_store() {
     // table is resized, every other weight kept.
     let tuned = dir.path().join("tuned");
     let ckpt = fixture("dit_c10_128.pt");
-    let mut args = vec![
-        "train",
-        "--data",
-        p(&store),
-        "--out",
-        p(&tuned),
-        "--init",
-        p(&ckpt),
-    ];
+    let mut args = vec!["--data", p(&store), "--out", p(&tuned), "--init", p(&ckpt)];
     args.extend_from_slice(&common);
-    succeeds(&dit(&args));
+    succeeds(&train_tiny(&args));
     let w = candle_core::safetensors::load(
         tuned.join("step-0000002/weights.safetensors"),
         &Device::Cpu,
@@ -406,8 +377,7 @@ fn train_in_pixel_space_from_an_image_folder() {
     let images = dir.path().join("images");
     image_folder(&images);
     let run = dir.path().join("run");
-    succeeds(&dit(&[
-        "train",
+    succeeds(&train_tiny(&[
         "--data",
         p(&images),
         "--image-size",
@@ -419,12 +389,6 @@ fn train_in_pixel_space_from_an_image_folder() {
         "--steps",
         "1",
         "--global-batch-size",
-        "2",
-        "--depth",
-        "1",
-        "--hidden",
-        "32",
-        "--heads",
         "2",
         "--patch",
         "2",
@@ -443,8 +407,7 @@ fn train_in_pixel_space_from_an_image_folder() {
         (Some(3), Some(8))
     );
     // A corrupt image met during training is an error naming the file, not a panic.
-    let out = dit(&[
-        "train",
+    let out = train_tiny(&[
         "--data",
         p(&images),
         "--image-size",
@@ -455,12 +418,6 @@ fn train_in_pixel_space_from_an_image_folder() {
         "3",
         "--global-batch-size",
         "6",
-        "--depth",
-        "1",
-        "--hidden",
-        "32",
-        "--heads",
-        "2",
         "--patch",
         "2",
         "--sample-every",
@@ -474,8 +431,7 @@ fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     // lr 1e30: the first update blows the weights up, the second loss overflows.
-    let out = dit(&[
-        "train",
+    let out = train_tiny(&[
         "--out",
         p(&run),
         "--steps",
@@ -485,12 +441,6 @@ fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
         "--ckpt-every",
         "1",
         "--global-batch-size",
-        "2",
-        "--depth",
-        "1",
-        "--hidden",
-        "32",
-        "--heads",
         "2",
         "--patch",
         "4",

@@ -250,7 +250,7 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::max_abs_diff;
+    use crate::test_util::{max_abs, max_abs_diff};
     use candle_core::Device;
 
     #[test]
@@ -288,13 +288,7 @@ mod tests {
                 .broadcast_add(&bf)
                 .unwrap();
             let err = max_abs_diff(&got, &want);
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(&want);
             // The result is rounded to bf16 (8 bits of mantissa).
             assert!(err <= scale * 1e-2, "({m}, {k}, {n}): err {err} of {scale}");
         }

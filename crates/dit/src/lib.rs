@@ -53,9 +53,12 @@ pub(crate) mod test_util {
 
     /// max |a - b| over all elements.
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
+        max_abs(&(a - b).unwrap())
+    }
+
+    /// max |t| over all elements.
+    pub fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
             .unwrap()
             .max_all()
             .unwrap()

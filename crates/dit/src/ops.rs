@@ -1007,7 +1007,7 @@ fn fusable(ts: &[&Tensor]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::max_abs_diff;
+    use crate::test_util::{max_abs, max_abs_diff};
     use candle_core::Device;
 
     #[test]
@@ -1184,13 +1184,7 @@ mod tests {
         let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, dev).unwrap();
         let check = |name: &str, a: Vec<Tensor>, b: Vec<Tensor>| {
             for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-                let scale = b
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let scale = max_abs(&b);
                 let err = max_abs_diff(a, b);
                 assert!(
                     err < 2e-4 * scale.max(1.0),

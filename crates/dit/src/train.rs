@@ -404,7 +404,7 @@ pub fn batch_indices(n: usize, seed: u64, position: usize, batch: usize) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::max_abs_diff;
+    use crate::test_util::{max_abs, max_abs_diff};
 
     fn tiny() -> DiTConfig {
         DiTConfig {
@@ -527,13 +527,7 @@ mod tests {
         assert_eq!(abs_sum("final_layer.linear.weight"), 0.0);
         assert_eq!(abs_sum("blocks.0.attn.qkv.bias"), 0.0);
         // Xavier-uniform bound for qkv: sqrt(6 / (64 + 192)).
-        let max = w["blocks.0.attn.qkv.weight"]
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let max = max_abs(&w["blocks.0.attn.qkv.weight"]);
         assert!(max <= (6f32 / 256.0).sqrt() && max > 0.1, "{max}");
         let std = w["y_embedder.embedding_table.weight"]
             .sqr()
@@ -558,15 +552,7 @@ mod tests {
                 &Tensor::new(&[1u32, 10], &Device::Cpu).unwrap(),
             )
             .unwrap();
-        assert_eq!(
-            out.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            0.0
-        );
+        assert_eq!(max_abs(&out), 0.0);
     }
 
     #[test]
