@@ -1184,7 +1184,7 @@ mod tests {
         let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, dev).unwrap();
         let check = |name: &str, a: Vec<Tensor>, b: Vec<Tensor>| {
             for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-                let scale = max_abs(&b);
+                let scale = max_abs(b);
                 let err = max_abs_diff(a, b);
                 assert!(
                     err < 2e-4 * scale.max(1.0),
