@@ -43,6 +43,17 @@ enum Command {
     EvalBuiltin(Box<eval_builtin::EvalBuiltinArgs>),
     /// Train the classifier that `eval-builtin` uses, on the built-in digits.
     TrainClassifier(eval_builtin::TrainClassifierArgs),
+    /// Forward-pass Gflops (multiply-accumulates, as the paper counts) and parameters.
+    Flops {
+        /// Named configs, comma-separated (default: the embedded model).
+        #[arg(long, value_delimiter = ',')]
+        model: Vec<String>,
+        /// Every named config.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 256)]
+        image_size: usize,
+    },
     /// Encode an image folder with the VAE into a latent store for training.
     ExtractLatents(extract::ExtractArgs),
     /// Render the loss curve of a `dit train` log (log.jsonl) to a PNG.
@@ -72,6 +83,11 @@ fn main() {
         Command::EvalBuiltin(args) => eval_builtin::run(*args),
         Command::TrainClassifier(args) => eval_builtin::train_classifier(args),
         Command::ExtractLatents(args) => extract::run(args),
+        Command::Flops {
+            model,
+            all,
+            image_size,
+        } => flops(&model, all, image_size),
         Command::PlotLoss { log, out } => train::plot_loss(&log, &out).map(|()| {
             println!("wrote {}", out.display());
         }),
@@ -109,6 +125,29 @@ fn convert(input: &std::path::Path, output: &std::path::Path, half: bool) -> any
         cfg.patch_size,
         cfg.num_classes
     );
+    Ok(())
+}
+
+fn flops(models: &[String], all: bool, image_size: usize) -> anyhow::Result<()> {
+    let configs: Vec<(String, dit::DiTConfig)> = if all || !models.is_empty() {
+        let names = if all {
+            dit::DiTConfig::names()
+        } else {
+            models.to_vec()
+        };
+        names
+            .into_iter()
+            .map(|n| Ok((n.clone(), dit::DiTConfig::named(&n, image_size)?)))
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        vec![("embedded (MNIST, 28 px)".into(), dit::builtin::config()?)]
+    };
+    println!("{:24} {:>10} {:>14}", "model", "Gflops", "parameters");
+    for (name, cfg) in configs {
+        let macs = dit::eval::flops::forward_macs(&cfg);
+        let params = dit::checkpoint::parameter_count(&cfg);
+        println!("{name:24} {:>10.2} {:>14}", macs.gflops(), params);
+    }
     Ok(())
 }
 

@@ -576,3 +576,15 @@ fn image_size_not_divisible() {
         "not divisible by the patch size 4",
     );
 }
+
+#[test]
+fn flops_prints_the_papers_numbers() {
+    let out = dit(&["flops", "--model", "DiT-XL/2,DiT-S/8"]);
+    succeeds(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("118.6") && stdout.contains("0.36") && stdout.contains("674834720"),
+        "{stdout}"
+    );
+    fails_with(&dit(&["flops", "--model", "DiT-M/3"]), "unknown model");
+}

@@ -1,0 +1,80 @@
+//! Forward-pass cost of a DiT, computed from its config: multiply-accumulates of every matrix
+//! product (patch-embedding convolution, linears, the two attention products), as the paper
+//! counts Gflops. Normalisations, activations and the softmax are not counted (nor were they).
+
+use crate::config::DiTConfig;
+
+/// Multiply-accumulates of one forward pass of one sample, by part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardMacs {
+    pub patch_embed: u64,
+    pub conditioning: u64,
+    /// All blocks: adaLN modulation, qkv, q k^T, attention x v, projection, MLP.
+    pub blocks: u64,
+    pub final_layer: u64,
+}
+
+impl ForwardMacs {
+    pub fn total(&self) -> u64 {
+        self.patch_embed + self.conditioning + self.blocks + self.final_layer
+    }
+
+    /// In Gflops as the paper's tables (10^9 multiply-accumulates).
+    pub fn gflops(&self) -> f64 {
+        self.total() as f64 / 1e9
+    }
+}
+
+pub fn forward_macs(cfg: &DiTConfig) -> ForwardMacs {
+    let d = cfg.hidden_size as u64;
+    let p = cfg.patch_size as u64;
+    let g = (cfg.input_size / cfg.patch_size) as u64;
+    let t = g * g; // tokens
+    let m = cfg.mlp_hidden() as u64;
+    // Timestep MLP (256 frequencies -> D -> D); the label lookup costs nothing.
+    let conditioning = 256 * d + d * d;
+    let block = 6 * d * d // adaLN modulation, once per sample
+        + t * 3 * d * d   // qkv
+        + 2 * t * t * d   // q k^T and attention x v over all heads
+        + t * d * d       // output projection
+        + 2 * t * d * m; // MLP
+    ForwardMacs {
+        patch_embed: t * d * cfg.in_channels as u64 * p * p,
+        conditioning,
+        blocks: cfg.depth as u64 * block,
+        final_layer: 2 * d * d + t * d * p * p * cfg.out_channels() as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_table_4_of_the_paper() {
+        // ../shared/reference/dit-facts.md: Gflops at 256 px.
+        let table = [
+            ("S", [0.36f64, 1.41, 6.06]),
+            ("B", [1.42, 5.56, 23.01]),
+            ("L", [5.01, 19.70, 80.71]),
+            ("XL", [7.39, 29.05, 118.64]),
+        ];
+        for (size, row) in table {
+            for (patch, want) in [8, 4, 2].into_iter().zip(row) {
+                let cfg = DiTConfig::named(&format!("DiT-{size}/{patch}"), 256).unwrap();
+                let got = forward_macs(&cfg).gflops();
+                // The table rounds to 0.01: allow that on the small models, 1% elsewhere.
+                let tol = (0.01 * want).max(0.006);
+                assert!(
+                    (got - want).abs() <= tol,
+                    "DiT-{size}/{patch}: {got:.3} vs {want}"
+                );
+            }
+        }
+        let xl512 = forward_macs(&DiTConfig::named("DiT-XL/2", 512).unwrap()).gflops();
+        assert!((xl512 - 524.6).abs() < 0.01 * 524.6, "{xl512}");
+        let params =
+            crate::checkpoint::parameter_count(&DiTConfig::named("DiT-XL/2", 256).unwrap());
+        assert!((params as f64 - 675e6).abs() < 0.01 * 675e6, "{params}");
+    }
+}
