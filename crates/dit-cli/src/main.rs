@@ -4,6 +4,7 @@ mod bench;
 mod eval_builtin;
 mod extract;
 mod sample;
+mod sample_many;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,9 @@ struct Cli {
 enum Command {
     /// Draw class-conditional samples (with no checkpoint: the embedded default model).
     Sample(Box<sample::SampleArgs>),
+    /// Many samples for evaluation (the reference sample_ddp.py): resumable shards, then one
+    /// .npz (arr_0, uint8 N x H x W x 3) for the ADM suite.
+    SampleMany(Box<sample_many::SampleManyArgs>),
     /// Convert a DiT checkpoint (.pt, bare or train.py; the EMA weights) to .safetensors, or a
     /// `dit train` checkpoint folder to its EMA weights plus `OUT.json` (its config).
     Convert {
@@ -73,6 +77,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sample(args) => sample::run(*args),
+        Command::SampleMany(args) => sample_many::run(*args),
         Command::Convert {
             input,
             output,

@@ -243,21 +243,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", p.display()))?;
         println!("wrote latents {:?} to {}", latents.dims(), p.display());
     }
-    let images = if cfg.in_channels != 4 {
-        // A pixel-space model: its samples are the images.
-        latents.clamp(-1f32, 1f32)?
-    } else if let Some(vae) = vae {
-        let bar = ProgressBar::new(n as u64).with_message("decoding");
-        let imgs = (0..n)
-            .map(|i| {
-                let img = vae.decode(&latents.narrow(0, i, 1)?.to_dtype(dtype)?);
-                bar.inc(1);
-                img
-            })
-            .collect::<dit::Result<Vec<_>>>()?;
-        bar.finish_and_clear();
-        Tensor::cat(&imgs, 0)?
-    } else {
+    let Some(images) = to_images(&latents, vae.as_ref(), dtype, &cfg)? else {
         return Ok(());
     };
     let rgb = dit::image_io::to_rgb_images(&images)?;
@@ -304,4 +290,31 @@ pub fn sample_batched(
     }
     bar.finish();
     Ok(Tensor::cat(&latents, 0)?)
+}
+
+/// The images of sampled latents: a pixel-space model's samples as they are (clamped to
+/// [-1, 1]), a latent model's decoded one at a time by the VAE (None without a VAE).
+pub fn to_images(
+    latents: &Tensor,
+    vae: Option<&dit::vae::Vae>,
+    dtype: DType,
+    cfg: &DiTConfig,
+) -> Result<Option<Tensor>> {
+    if cfg.in_channels != 4 {
+        return Ok(Some(latents.clamp(-1f32, 1f32)?));
+    }
+    let Some(vae) = vae else {
+        return Ok(None);
+    };
+    let n = latents.dim(0)?;
+    let bar = ProgressBar::new(n as u64).with_message("decoding");
+    let imgs = (0..n)
+        .map(|i| {
+            let img = vae.decode(&latents.narrow(0, i, 1)?.to_dtype(dtype)?);
+            bar.inc(1);
+            img
+        })
+        .collect::<dit::Result<Vec<_>>>()?;
+    bar.finish_and_clear();
+    Ok(Some(Tensor::cat(&imgs, 0)?))
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -587,4 +587,56 @@ fn flops_prints_the_papers_numbers() {
         "{stdout}"
     );
     fails_with(&dit(&["flops", "--model", "DiT-M/3"]), "unknown model");
+}
+
+#[test]
+fn sample_many_writes_a_resumable_npz() {
+    let dir = tempfile::tempdir().unwrap();
+    let npz = dir.path().join("samples.npz");
+    let args = [
+        "sample-many",
+        "--num-samples",
+        "5",
+        "--shard-size",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--npz",
+        p(&npz),
+    ];
+    succeeds(&dit(&args));
+    let read = || {
+        let mut t = Tensor::read_npz(&npz).unwrap();
+        assert_eq!(t.len(), 1);
+        let (name, arr) = t.remove(0);
+        assert_eq!(name, "arr_0");
+        arr
+    };
+    let first = read();
+    assert_eq!(first.dims(), [5, 28, 28, 3]);
+    assert_eq!(first.dtype(), DType::U8);
+    // A crash after two shards: the rerun keeps them and redraws the last one identically.
+    let shards = dir.path().join("samples.npz.shards");
+    std::fs::remove_file(shards.join("shard-00002.npy")).unwrap();
+    std::fs::remove_file(&npz).unwrap();
+    let out = dit(&args);
+    succeeds(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("done before, kept")
+            .count(),
+        2
+    );
+    let again = read();
+    let diff = (first.to_dtype(DType::F32).unwrap() - again.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
 }

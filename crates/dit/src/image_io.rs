@@ -32,6 +32,22 @@ pub fn to_rgb_images(x: &Tensor) -> Result<Vec<RgbImage>> {
         .collect())
 }
 
+/// (N, C, H, W) in [-1, 1] (C = 1 or 3) to uint8 (N, H, W, 3) as the reference `sample_ddp.py`
+/// converts samples for the ADM evaluation suite: clamp(127.5 x + 128, 0, 255), truncated; one
+/// channel is repeated to three.
+pub fn to_uint8_nhwc(x: &Tensor) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    let x = match c {
+        3 => x.clone(),
+        1 => x.repeat((1, 3, 1, 1))?,
+        _ => return Err(Error::Input(format!("cannot make images of {c} channels"))),
+    };
+    let x = ((x.to_dtype(DType::F32)? * 127.5)? + 128.0)?
+        .clamp(0f32, 255f32)?
+        .floor()?;
+    Ok(x.permute((0, 2, 3, 1))?.contiguous()?.to_dtype(DType::U8)?)
+}
+
 /// Tiles images into rows of `nrow` with `padding` black pixels around each (torchvision's
 /// `make_grid` layout).
 pub fn make_grid(images: &[RgbImage], nrow: usize, padding: u32) -> RgbImage {
