@@ -265,6 +265,25 @@ def loss_fixture(gen):
                "x_t": xt.contiguous(), "mse": mse, "vb": vb, "loss": mse + vb}, os.path.join(OUT, "losses.safetensors"))
 
 
+def dpm_solver_fixture(gen):
+    """DPM-Solver++(2M) by diffusers' DPMSolverMultistepScheduler on the 12-step respaced
+    schedule, driven by a fixed analytic "model" eps(x, t) = 0.3 x + 0.05 t / 12."""
+    from diffusers import DPMSolverMultistepScheduler
+    steps = 12
+    d = Diffusion(steps)
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=steps, trained_betas=d.betas.tolist(),
+                                        algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon",
+                                        timestep_spacing="trailing", lower_order_final=True, final_sigmas_type="zero")
+    sched.set_timesteps(steps)
+    assert sched.timesteps.tolist() == list(range(steps - 1, -1, -1)), sched.timesteps
+    x_t = torch.randn(2, 3, 4, 4, generator=gen)
+    x = x_t.clone()
+    for t in sched.timesteps:
+        eps = 0.3 * x + 0.05 * float(t) / steps
+        x = sched.step(eps, t, x).prev_sample
+    save_file({"x_t": x_t, "x_0": x.contiguous()}, os.path.join(OUT, "dpm_solver.safetensors"))
+
+
 def ddim_sample(w, cfg, noise, y, steps, scale):
     d = Diffusion(steps)
     x = noise.clone()
@@ -343,6 +362,7 @@ if __name__ == "__main__":
     vae_fixture(gen)
     loss_fixture(gen)
     grad_fixture(gen)
+    dpm_solver_fixture(gen)
     # Respacing of the reference sampler's 250 and 50 steps.
     save_file({f"map{s}": torch.tensor(Diffusion(s).map, dtype=torch.int64) for s in (250, 50, 27)}
               | {f"betas{s}": torch.tensor(Diffusion(s).betas) for s in (250, 50, 27)},

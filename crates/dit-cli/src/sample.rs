@@ -21,6 +21,8 @@ const PAPER_LABELS: [usize; 8] = [207, 360, 387, 974, 88, 979, 417, 279];
 pub enum SamplerArg {
     Ddpm,
     Ddim,
+    /// DPM-Solver++(2M), deterministic.
+    DpmSolverPp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -107,6 +109,7 @@ impl SamplingArgs {
             sampler: match self.sampler {
                 SamplerArg::Ddpm => Sampler::Ddpm,
                 SamplerArg::Ddim => Sampler::Ddim { eta: self.eta },
+                SamplerArg::DpmSolverPp => Sampler::DpmSolverPp,
             },
             cfg_scale: self.cfg_scale,
             cfg_channels: match self.cfg_channels {

@@ -358,3 +358,27 @@ fn training_gradients_match_torch_autograd() {
     }
     assert_eq!(checked, f.keys().filter(|k| k.starts_with("grad.")).count());
 }
+
+#[test]
+fn dpm_solver_pp_matches_diffusers() {
+    // diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2) on the 12-step respaced
+    // schedule, with the analytic model eps(x, t) = 0.3 x + 0.05 t / 12 (t the respaced index).
+    let f = load("dpm_solver.safetensors");
+    let d = GaussianDiffusion::dit("12").unwrap();
+    let mut t = 12;
+    let x0 = dit::diffusion::sample_loop(
+        &d,
+        |x: &Tensor, _ts: &Tensor| {
+            t -= 1;
+            let eps = ((x * 0.3)? + 0.05 * t as f64 / 12.0)?;
+            Tensor::cat(&[&eps, &eps.zeros_like()?], 1)
+        },
+        f["x_t"].clone(),
+        Sampler::DpmSolverPp,
+        &mut NoiseRng::new(0),
+        |_| {},
+    )
+    .unwrap();
+    let e = rel_l2(&x0, &f["x_0"]);
+    assert!(e < 1e-5, "rel L2 {e}");
+}
