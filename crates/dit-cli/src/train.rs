@@ -155,7 +155,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 "images_per_s": (steps_in * a.global_batch_size) as f64 / secs,
             });
             writeln!(log, "{line}")?;
-            bar.set_message(format!("loss {mean:.4}"));
+            bar.set_message(format!(
+                "loss {mean:.4}, {:.2} steps/s, {:.1} images/s",
+                steps_in as f64 / secs,
+                (steps_in * a.global_batch_size) as f64 / secs
+            ));
             window_loss = 0.0;
             window_start = Instant::now();
         }
