@@ -1,6 +1,7 @@
 //! `dit`: the command line of dit-rs. A thin layer: parse, call the library, write files.
 
 mod bench;
+mod edit;
 mod eval_builtin;
 mod extract;
 mod sample;
@@ -26,6 +27,10 @@ struct Cli {
 enum Command {
     /// Draw class-conditional samples (with no checkpoint: the embedded default model).
     Sample(Box<sample::SampleArgs>),
+    /// Image-to-image: noise a picture to `--strength` and denoise it for the given classes.
+    Edit(Box<edit::EditArgs>),
+    /// Inpainting: regenerate the masked region of a picture, keeping the rest.
+    Inpaint(Box<edit::InpaintArgs>),
     /// Many samples for evaluation (the reference sample_ddp.py): resumable shards, then one
     /// .npz (arr_0, uint8 N x H x W x 3) for the ADM suite.
     SampleMany(Box<sample_many::SampleManyArgs>),
@@ -78,6 +83,8 @@ fn main() {
     let result = match cli.command {
         Command::Sample(args) => sample::run(*args),
         Command::SampleMany(args) => sample_many::run(*args),
+        Command::Edit(args) => edit::edit(*args),
+        Command::Inpaint(args) => edit::inpaint(*args),
         Command::Convert {
             input,
             output,

@@ -640,3 +640,69 @@ fn sample_many_writes_a_resumable_npz() {
         .unwrap();
     assert_eq!(diff, 0.0);
 }
+
+#[test]
+fn edit_and_inpaint_with_the_embedded_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, mask) = (dir.path().join("in.png"), dir.path().join("mask.png"));
+    image::GrayImage::from_fn(28, 28, |x, y| {
+        image::Luma([if (8..20).contains(&x) && y > 4 {
+            255
+        } else {
+            0
+        }])
+    })
+    .save(&img)
+    .unwrap();
+    // Regenerate the right half.
+    image::GrayImage::from_fn(28, 28, |x, _| image::Luma([if x >= 14 { 255 } else { 0 }]))
+        .save(&mask)
+        .unwrap();
+    let halves = |png: &Path| {
+        let g = image::open(png).unwrap().to_luma8();
+        assert_eq!(g.dimensions(), (2 * 30 + 2, 32));
+        let crop = |x0: u32| image::imageops::crop_imm(&g, x0, 2, 28, 28).to_image();
+        (crop(2), crop(32))
+    };
+    // Strength 0: the result is the input.
+    let out = dir.path().join("edit.png");
+    succeeds(&dit(&[
+        "edit",
+        "--image",
+        p(&img),
+        "--strength",
+        "0",
+        "--labels",
+        "3",
+        "--steps",
+        "4",
+        "--out",
+        p(&out),
+    ]));
+    let (input, result) = halves(&out);
+    assert_eq!(input, result);
+    // Inpainting keeps the left half exactly (pixel space) and redraws the right half.
+    let out = dir.path().join("inpaint.png");
+    succeeds(&dit(&[
+        "inpaint",
+        "--image",
+        p(&img),
+        "--mask",
+        p(&mask),
+        "--labels",
+        "3",
+        "--steps",
+        "5",
+        "--resample",
+        "2",
+        "--out",
+        p(&out),
+    ]));
+    let (input, result) = halves(&out);
+    for y in 0..28 {
+        for x in 0..14 {
+            assert_eq!(input.get_pixel(x, y), result.get_pixel(x, y), "({x}, {y})");
+        }
+    }
+    assert_ne!(input, result);
+}

@@ -5,5 +5,5 @@ pub mod sampler;
 pub mod schedule;
 
 pub use gaussian::{GaussianDiffusion, LossTerms, MeanVariance};
-pub use sampler::{sample_loop, Sampler};
+pub use sampler::{reverse_step, sample_loop, sample_loop_from, Sampler};
 pub use schedule::{linear_betas, respace_betas, space_timesteps};
