@@ -122,6 +122,7 @@ pub fn edit_steps(strength: f64, steps: usize) -> Result<usize> {
 /// Image-to-image (SDEdit): the input `x0` (model space, e.g. VAE latents) is noised to the
 /// respaced step given by `strength` (0: none, the input comes back; 1: the chain starts from
 /// `noise` alone, as sampling) with `noise`, then denoised from there for the labels.
+#[allow(clippy::too_many_arguments)]
 pub fn edit_latents(
     model: &DiT,
     labels: &[usize],
