@@ -284,6 +284,18 @@ def dpm_solver_fixture(gen):
     save_file({"x_t": x_t, "x_0": x.contiguous()}, os.path.join(OUT, "dpm_solver.safetensors"))
 
 
+def targets_fixture(gen):
+    """diffusers' cosine schedule (squaredcos_cap_v2 = IDDPM's) and v-prediction target."""
+    from diffusers import DDPMScheduler
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    x0 = torch.randn(3, 2, 4, 4, generator=gen)
+    noise = torch.randn(3, 2, 4, 4, generator=gen)
+    t = torch.tensor([0, 500, 999])
+    save_file({"cosine_betas": sched.betas.to(torch.float64), "x0": x0, "noise": noise, "t": t,
+               "v": sched.get_velocity(x0, noise, t).contiguous()},
+              os.path.join(OUT, "targets.safetensors"))
+
+
 def ddim_sample(w, cfg, noise, y, steps, scale):
     d = Diffusion(steps)
     x = noise.clone()
@@ -363,6 +375,7 @@ if __name__ == "__main__":
     loss_fixture(gen)
     grad_fixture(gen)
     dpm_solver_fixture(gen)
+    targets_fixture(gen)
     # Respacing of the reference sampler's 250 and 50 steps.
     save_file({f"map{s}": torch.tensor(Diffusion(s).map, dtype=torch.int64) for s in (250, 50, 27)}
               | {f"betas{s}": torch.tensor(Diffusion(s).betas) for s in (250, 50, 27)},

@@ -178,7 +178,10 @@ impl ModelArgs {
             let (cfg, t) = checkpoint::read_training_dir(ckpt)?;
             (t, Some(cfg))
         } else {
-            (checkpoint::read_tensors(ckpt)?, None)
+            (
+                checkpoint::read_tensors(ckpt)?,
+                checkpoint::config_beside(ckpt)?,
+            )
         };
         let mut cfg = match (&a.model, trained_cfg) {
             (Some(name), _) => DiTConfig::named(name, a.image_size.unwrap_or(256))?,

@@ -9,10 +9,30 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
 use dit::data::TrainingSet;
+use dit::diffusion::{LossKind, Prediction, Schedule};
 use dit::rng::NoiseRng;
 use dit::train::{batch_indices, reference_init, TrainConfig, Trainer};
 use dit::DiTConfig;
 use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ScheduleArg {
+    Linear,
+    Cosine,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum PredictionArg {
+    Eps,
+    X0,
+    V,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LossArg {
+    Mse,
+    L1,
+}
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -32,6 +52,15 @@ pub struct TrainArgs {
     /// A named config (DiT-S/2 … DiT-XL/8) instead of --depth/--hidden/--heads/--patch.
     #[arg(long)]
     model: Option<String>,
+    /// Noise schedule of a new model (DiT: linear).
+    #[arg(long, value_enum, default_value = "linear")]
+    schedule: ScheduleArg,
+    /// What a new model predicts (DiT: eps).
+    #[arg(long, value_enum, default_value = "eps")]
+    prediction: PredictionArg,
+    /// Regression loss on the prediction (the paper: mse; the VB term is added either way).
+    #[arg(long, value_enum, default_value = "mse")]
+    loss: LossArg,
     /// Fine-tune: start from this checkpoint (.pt, .safetensors or a `dit train` folder; config
     /// inferred), with the label table resized to the data's classes.
     #[arg(long)]
@@ -96,6 +125,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         lr: a.lr,
         ema_decay: a.ema_decay,
         warmup_steps: a.warmup,
+        loss: match a.loss {
+            LossArg::Mse => LossKind::Mse,
+            LossArg::L1 => LossKind::L1,
+        },
         ..Default::default()
     };
     let (mut tr, mut pos) = match &a.resume {
@@ -229,7 +262,8 @@ fn initial_weights(
             let (cfg, w) = dit::checkpoint::read_training_dir(path)?;
             (Some(cfg), w)
         } else {
-            (None, dit::checkpoint::read_tensors(path)?)
+            let cfg = dit::checkpoint::config_beside(path)?;
+            (cfg, dit::checkpoint::read_tensors(path)?)
         };
         let mut cfg = match (cfg, &a.model) {
             (_, Some(name)) => DiTConfig::named(name, size * 8)?,
@@ -249,6 +283,7 @@ fn initial_weights(
         }
         dit::train::resize_label_table(&mut w, num_classes, &mut NoiseRng::new(a.seed))?;
         cfg.num_classes = num_classes;
+        let cfg = with_target(cfg, a);
         dit::checkpoint::validate(&cfg, &w)
             .with_context(|| format!("fine-tuning from {}", path.display()))?;
         return Ok((cfg, w));
@@ -269,11 +304,28 @@ fn initial_weights(
             mlp_ratio: 4.0,
             num_classes,
             learn_sigma: true,
+            schedule: Default::default(),
+            prediction: Default::default(),
         },
     };
+    let model = with_target(model, a);
     model.validate()?;
     let init = reference_init(&model, &mut NoiseRng::new(a.seed))?;
     Ok((model, init))
+}
+
+/// The schedule and prediction target chosen on the command line.
+fn with_target(mut cfg: DiTConfig, a: &TrainArgs) -> DiTConfig {
+    cfg.schedule = match a.schedule {
+        ScheduleArg::Linear => Schedule::Linear,
+        ScheduleArg::Cosine => Schedule::Cosine,
+    };
+    cfg.prediction = match a.prediction {
+        PredictionArg::Eps => Prediction::Eps,
+        PredictionArg::X0 => Prediction::X0,
+        PredictionArg::V => Prediction::V,
+    };
+    cfg
 }
 
 /// Two samples per class from the EMA weights (50 DDPM steps, guidance 4), as one grid.

@@ -706,3 +706,57 @@ fn edit_and_inpaint_with_the_embedded_model() {
     }
     assert_ne!(input, result);
 }
+
+#[test]
+fn a_v_prediction_cosine_model_trains_and_samples_as_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    succeeds(&train_tiny(&[
+        "--out",
+        p(&run),
+        "--steps",
+        "2",
+        "--global-batch-size",
+        "2",
+        "--patch",
+        "4",
+        "--prediction",
+        "v",
+        "--schedule",
+        "cosine",
+        "--loss",
+        "l1",
+        "--sample-every",
+        "0",
+    ]));
+    let ckpt = run.join("step-0000002");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            state["model"]["prediction"].as_str(),
+            state["model"]["schedule"].as_str()
+        ),
+        (Some("v"), Some("cosine"))
+    );
+    // Exported and sampled: the config travels with the weights.
+    let st = dir.path().join("m.safetensors");
+    succeeds(&dit(&["convert", p(&ckpt), p(&st)]));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("m.json")).unwrap()).unwrap();
+    assert_eq!(json["prediction"], "v");
+    let png = dir.path().join("s.png");
+    succeeds(&dit(&[
+        "sample",
+        "--ckpt",
+        p(&ckpt),
+        "--steps",
+        "3",
+        "--labels",
+        "1",
+        "--sampler",
+        "dpm-solver-pp",
+        "--out",
+        p(&png),
+    ]));
+}

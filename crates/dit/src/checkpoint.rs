@@ -83,6 +83,23 @@ fn dims<'a>(t: &'a Tensors, name: &str) -> Result<&'a [usize]> {
 
 /// Infers the architecture from tensor shapes. The number of heads is not stored in a state
 /// dict: the paper's value for the width is used (override with an explicit config).
+/// The config written beside exported weights (`dit convert` writes `OUT.json` next to
+/// `OUT.safetensors`), if there is one: it records what shapes cannot (heads, schedule,
+/// prediction target).
+pub fn config_beside(weights: &Path) -> Result<Option<DiTConfig>> {
+    let json = weights.with_extension("json");
+    if !json.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&json).map_err(|source| Error::Io {
+        path: json.display().to_string(),
+        source,
+    })?;
+    let cfg = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint(format!("{}: {e}", json.display())))?;
+    Ok(Some(cfg))
+}
+
 /// `input_size` comes from `pos_embed` when stored, else from `latent_size`.
 pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig> {
     let bad = |m: String| Err(Error::Checkpoint(m));
@@ -128,6 +145,8 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
         mlp_ratio: fc1 as f64 / hidden_size as f64,
         num_classes: rows.saturating_sub(1),
         learn_sigma: out == 2 * in_channels,
+        schedule: Default::default(),
+        prediction: Default::default(),
     };
     cfg.validate()?;
     Ok(cfg)

@@ -20,6 +20,12 @@ pub struct DiTConfig {
     pub num_classes: usize,
     /// Output eps and the variance interpolation v (2x the input channels) instead of eps only.
     pub learn_sigma: bool,
+    /// The noise schedule it was trained with (DiT: linear).
+    #[serde(default)]
+    pub schedule: crate::diffusion::Schedule,
+    /// What its output predicts (DiT: eps).
+    #[serde(default)]
+    pub prediction: crate::diffusion::Prediction,
 }
 
 /// (name, depth, hidden, heads) of the paper's model sizes (Table 1).
@@ -67,6 +73,8 @@ impl DiTConfig {
             mlp_ratio: 4.0,
             num_classes: 1000,
             learn_sigma: true,
+            schedule: Default::default(),
+            prediction: Default::default(),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -66,7 +66,9 @@ fn setup(
 ) -> Result<(GaussianDiffusion, Tensor)> {
     check_labels(model, labels)?;
     check_noise(model, x, labels.len())?;
-    let mut diffusion = GaussianDiffusion::dit(&opts.steps.to_string())?;
+    let c = &model.config;
+    let mut diffusion =
+        GaussianDiffusion::for_model(c.schedule, c.prediction, &opts.steps.to_string())?;
     diffusion.clip_denoised = opts.clip_denoised;
     let y = Tensor::from_vec(
         labels.iter().map(|&l| l as u32).collect::<Vec<_>>(),
@@ -239,6 +241,8 @@ mod tests {
             mlp_ratio: 4.0,
             num_classes: 3,
             learn_sigma: true,
+            schedule: Default::default(),
+            prediction: Default::default(),
         };
         let mut rng = NoiseRng::new(9);
         let tensors = crate::checkpoint::expected_shapes(&cfg)

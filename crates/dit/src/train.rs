@@ -86,6 +86,8 @@ pub struct TrainConfig {
     pub class_dropout: f64,
     /// Steps of linear learning-rate warm-up (0: none, as the paper).
     pub warmup_steps: usize,
+    /// The regression loss on the prediction (the paper: MSE).
+    pub loss: crate::diffusion::LossKind,
 }
 
 impl Default for TrainConfig {
@@ -98,6 +100,7 @@ impl Default for TrainConfig {
             ema_decay: 0.9999,
             class_dropout: 0.1,
             warmup_steps: 0,
+            loss: Default::default(),
         }
     }
 }
@@ -197,13 +200,16 @@ impl Trainer {
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
             .collect::<Result<_>>()?;
         let opt = AdamW::new(&params)?;
+        let mut diffusion =
+            GaussianDiffusion::for_model(model_cfg.schedule, model_cfg.prediction, "")?;
+        diffusion.loss = cfg.loss;
         Ok(Self {
             model,
             params,
             ema,
             opt,
             cfg,
-            diffusion: GaussianDiffusion::dit("")?,
+            diffusion,
             rng: NoiseRng::new(seed),
         })
     }
@@ -417,6 +423,8 @@ mod tests {
             mlp_ratio: 4.0,
             num_classes: 10,
             learn_sigma: true,
+            schedule: Default::default(),
+            prediction: Default::default(),
         }
     }
 

@@ -382,3 +382,18 @@ fn dpm_solver_pp_matches_diffusers() {
     let e = rel_l2(&x0, &f["x_0"]);
     assert!(e < 1e-5, "rel L2 {e}");
 }
+
+#[test]
+fn cosine_schedule_and_v_target_match_diffusers() {
+    use dit::diffusion::{cosine_betas, Prediction, Schedule};
+    let f = load("targets.safetensors");
+    let want = f["cosine_betas"].to_vec1::<f64>().unwrap();
+    let got = cosine_betas(1000);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 1e-9 + 1e-6 * w, "beta {i}: {g} vs {w}");
+    }
+    let d = GaussianDiffusion::for_model(Schedule::Cosine, Prediction::V, "").unwrap();
+    let ts = labels(&f["t"]);
+    let v = d.training_target(&f["x0"], &f["noise"], &ts).unwrap();
+    assert!(rel_l2(&v, &f["v"]) < 1e-5);
+}

@@ -13,7 +13,31 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use super::schedule::{linear_betas, respace_betas, space_timesteps};
+use serde::{Deserialize, Serialize};
+
+use super::schedule::{linear_betas, respace_betas, space_timesteps, Schedule};
+
+/// What the network's first C output channels predict.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prediction {
+    /// The noise eps (DiT's).
+    #[default]
+    Eps,
+    /// The clean sample x_0.
+    X0,
+    /// v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022).
+    V,
+}
+
+/// The regression loss on the prediction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    #[default]
+    Mse,
+    L1,
+}
 
 #[derive(Debug, Clone)]
 pub struct GaussianDiffusion {
@@ -33,6 +57,8 @@ pub struct GaussianDiffusion {
     /// Clamp the predicted x_0 to [-1, 1] before forming the posterior (IDDPM's
     /// `clip_denoised`): right for pixel-space models, off for DiT's unbounded latents.
     pub clip_denoised: bool,
+    pub prediction: Prediction,
+    pub loss: LossKind,
 }
 
 /// The model's p(x_{t-1} | x_t): mean, variance (and its log), and the implied x_0.
@@ -49,6 +75,18 @@ impl GaussianDiffusion {
     /// DiT's diffusion: 1000 linear steps respaced by `spec` ("250", "ddim50", "" for all).
     pub fn dit(spec: &str) -> crate::Result<Self> {
         Self::respaced(&linear_betas(1000), spec)
+    }
+
+    /// A model's diffusion: its schedule over 1000 steps and its prediction target, respaced
+    /// by `spec`.
+    pub fn for_model(
+        schedule: Schedule,
+        prediction: Prediction,
+        spec: &str,
+    ) -> crate::Result<Self> {
+        let mut d = Self::respaced(&schedule.betas(1000), spec)?;
+        d.prediction = prediction;
+        Ok(d)
     }
 
     pub fn respaced(base_betas: &[f64], spec: &str) -> crate::Result<Self> {
@@ -100,6 +138,8 @@ impl GaussianDiffusion {
             alphas_cumprod_prev: acp_prev,
             timestep_map,
             clip_denoised: false,
+            prediction: Prediction::Eps,
+            loss: LossKind::Mse,
             betas,
         }
     }
@@ -169,6 +209,35 @@ impl GaussianDiffusion {
         (xt.broadcast_mul(&a)? - x0)?.broadcast_div(&b)
     }
 
+    /// (x_0, eps) implied by the model's prediction `pred` at x_t.
+    pub fn x0_and_eps(&self, pred: &Tensor, xt: &Tensor, ts: &[usize]) -> Result<(Tensor, Tensor)> {
+        match self.prediction {
+            Prediction::Eps => Ok((self.predict_xstart_from_eps(xt, ts, pred)?, pred.clone())),
+            Prediction::X0 => Ok((pred.clone(), self.predict_eps_from_xstart(xt, ts, pred)?)),
+            Prediction::V => {
+                // x_0 = sqrt(abar) x_t - sqrt(1 - abar) v, eps = sqrt(1 - abar) x_t + sqrt(abar) v.
+                let a = Self::extract(&self.sqrt_alphas_cumprod, ts, xt)?;
+                let s = Self::extract(&self.sqrt_one_minus_alphas_cumprod, ts, xt)?;
+                let x0 = (xt.broadcast_mul(&a)? - pred.broadcast_mul(&s)?)?;
+                let eps = (xt.broadcast_mul(&s)? + pred.broadcast_mul(&a)?)?;
+                Ok((x0, eps))
+            }
+        }
+    }
+
+    /// What the model learns to output for x_0 and the noise at steps ts.
+    pub fn training_target(&self, x0: &Tensor, noise: &Tensor, ts: &[usize]) -> Result<Tensor> {
+        match self.prediction {
+            Prediction::Eps => Ok(noise.clone()),
+            Prediction::X0 => Ok(x0.clone()),
+            Prediction::V => {
+                let a = Self::extract(&self.sqrt_alphas_cumprod, ts, x0)?;
+                let s = Self::extract(&self.sqrt_one_minus_alphas_cumprod, ts, x0)?;
+                noise.broadcast_mul(&a)? - x0.broadcast_mul(&s)?
+            }
+        }
+    }
+
     /// p(x_{t-1} | x_t) from a model output (N, 2C, H, W) = [eps, v] (learned range) or
     /// (N, C, H, W) = eps (fixed small variance beta~_t). x_0 is not clipped, as in DiT's sampler.
     pub fn p_mean_variance(
@@ -178,7 +247,7 @@ impl GaussianDiffusion {
         ts: &[usize],
     ) -> Result<MeanVariance> {
         let c = xt.dim(1)?;
-        let eps = model_out.narrow(1, 0, c)?;
+        let (x0, eps) = self.x0_and_eps(&model_out.narrow(1, 0, c)?, xt, ts)?;
         let (variance, log_variance) = if model_out.dim(1)? == 2 * c {
             let v = model_out.narrow(1, c, c)?;
             let min_log = Self::extract(&self.posterior_log_variance_clipped, ts, xt)?;
@@ -196,7 +265,7 @@ impl GaussianDiffusion {
             let (_, var, log_var) = self.q_posterior(xt, xt, ts)?;
             (var, log_var)
         };
-        let mut pred_xstart = self.predict_xstart_from_eps(xt, ts, &eps)?;
+        let mut pred_xstart = x0;
         if self.clip_denoised {
             pred_xstart = pred_xstart.clamp(-1f32, 1f32)?;
         }
@@ -300,8 +369,12 @@ impl GaussianDiffusion {
         ts: &[usize],
     ) -> Result<LossTerms> {
         let c = x_t.dim(1)?;
-        let eps = model_out.narrow(1, 0, c)?;
-        let mse = mean_flat(&(noise - &eps)?.sqr()?)?;
+        let pred = model_out.narrow(1, 0, c)?;
+        let err = (self.training_target(x_start, noise, ts)? - &pred)?;
+        let mse = match self.loss {
+            LossKind::Mse => mean_flat(&err.sqr()?)?,
+            LossKind::L1 => mean_flat(&err.abs()?)?,
+        };
         if model_out.dim(1)? != 2 * c {
             return Ok(LossTerms {
                 loss: mse.clone(),
@@ -310,7 +383,7 @@ impl GaussianDiffusion {
             });
         }
         // Stop-gradient on the mean: the VB term only shapes the variance.
-        let frozen = Tensor::cat(&[eps.detach(), model_out.narrow(1, c, c)?], 1)?;
+        let frozen = Tensor::cat(&[pred.detach(), model_out.narrow(1, c, c)?], 1)?;
         let p = self.p_mean_variance(&frozen, x_t, ts)?;
         let (true_mean, _, true_log_var) = self.q_posterior(x_start, x_t, ts)?;
         let ln2 = std::f64::consts::LN_2;
@@ -387,4 +460,40 @@ pub fn discretized_gaussian_log_likelihood(
         .gt(0.999)?
         .where_cond(&log_one_minus_cdf_min, &log_cdf_delta)?;
     x.lt(-0.999)?.where_cond(&log_cdf_plus, &upper)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::max_abs_diff;
+
+    #[test]
+    fn every_schedule_and_target_round_trips() {
+        // x0 -> (x_t, target) -> the model output "target" gives back x0 and the noise.
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &dev)
+            .unwrap()
+            .clamp(-1f32, 1f32)
+            .unwrap();
+        let noise = Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &dev).unwrap();
+        let ts = [1, 100, 600, 990];
+        for schedule in [Schedule::Linear, Schedule::Cosine] {
+            for prediction in [Prediction::Eps, Prediction::X0, Prediction::V] {
+                let d = GaussianDiffusion::for_model(schedule, prediction, "").unwrap();
+                let xt = d.q_sample(&x0, &ts, &noise).unwrap();
+                let target = d.training_target(&x0, &noise, &ts).unwrap();
+                let (x0_back, eps_back) = d.x0_and_eps(&target, &xt, &ts).unwrap();
+                let (ex, en) = (max_abs_diff(&x0_back, &x0), max_abs_diff(&eps_back, &noise));
+                // eps from x0 divides by sqrt(1 - abar), small at t = 1: allow for f32 there.
+                assert!(
+                    ex < 2e-3 && en < 2e-2,
+                    "{schedule:?} {prediction:?}: x0 {ex}, eps {en}"
+                );
+                // The perfect prediction has zero loss whatever the target.
+                let out = Tensor::cat(&[&target, &target.zeros_like().unwrap()], 1).unwrap();
+                let mse = d.training_losses(&out, &x0, &xt, &noise, &ts).unwrap().mse;
+                assert!(mse.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-10);
+            }
+        }
+    }
 }

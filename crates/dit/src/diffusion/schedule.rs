@@ -1,6 +1,42 @@
 //! Noise schedules and respacing (IDDPM's `get_named_beta_schedule` and `space_timesteps`).
 
+use serde::{Deserialize, Serialize};
+
 use crate::{Error, Result};
+
+/// The noise schedule a model was trained with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// DDPM's linear betas (DiT's).
+    #[default]
+    Linear,
+    /// IDDPM's cosine schedule.
+    Cosine,
+}
+
+impl Schedule {
+    pub fn betas(self, num_steps: usize) -> Vec<f64> {
+        match self {
+            Self::Linear => linear_betas(num_steps),
+            Self::Cosine => cosine_betas(num_steps),
+        }
+    }
+}
+
+/// IDDPM's cosine schedule: abar(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2) with s = 0.008,
+/// beta_i = min(1 - abar((i + 1) / T) / abar(i / T), 0.999).
+pub fn cosine_betas(num_steps: usize) -> Vec<f64> {
+    let abar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+            .cos()
+            .powi(2)
+    };
+    let n = num_steps as f64;
+    (0..num_steps)
+        .map(|i| (1.0 - abar((i + 1) as f64 / n) / abar(i as f64 / n)).min(0.999))
+        .collect()
+}
 
 /// The linear schedule of DDPM, scaled so that any number of steps spans the same noise range:
 /// betas from 1e-4 to 0.02 at 1000 steps.
