@@ -705,6 +705,33 @@ fn edit_and_inpaint_with_the_embedded_model() {
         }
     }
     assert_ne!(input, result);
+    // A latent model through a VAE (the tiny diffusers fixture, factor 2: 16x16 latents of
+    // 32 px images): strength 0 gives back the input's latents, so both decode alike.
+    let out = dir.path().join("latent.png");
+    let (ckpt, vae) = (fixture("dit_c10_128.pt"), fixture("tiny_vae_folder"));
+    succeeds(&dit(&[
+        "edit",
+        "--ckpt",
+        p(&ckpt),
+        "--num-heads",
+        "6",
+        "--vae",
+        p(&vae),
+        "--image",
+        p(&img),
+        "--strength",
+        "0",
+        "--labels",
+        "2",
+        "--steps",
+        "3",
+        "--out",
+        p(&out),
+    ]));
+    let g = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(g.dimensions(), (2 * 34 + 2, 36));
+    let crop = |x0: u32| image::imageops::crop_imm(&g, x0, 2, 32, 32).to_image();
+    assert_eq!(crop(2), crop(36));
 }
 
 #[test]
