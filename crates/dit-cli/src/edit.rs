@@ -10,7 +10,7 @@ use dit::rng::NoiseRng;
 use dit::DiT;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::sample::{to_images, ModelArgs, SamplingArgs};
+use crate::sample::{to_images, vae_for, ModelArgs, SamplingArgs};
 
 #[derive(Args)]
 pub struct EditArgs {
@@ -64,17 +64,7 @@ struct Prepared {
 fn prepare(a: &EditArgs, device: &Device) -> Result<Prepared> {
     let (dtype, model) = a.model.load(device)?;
     let cfg = model.config.clone();
-    let vae = if cfg.in_channels == 4 {
-        let w = dit::vae::resolve_weights(&a.vae)?;
-        Some(dit::vae::Vae::load(
-            &w,
-            &dit::vae::VaeConfig::beside(&w)?,
-            dtype,
-            device,
-        )?)
-    } else {
-        None
-    };
+    let vae = vae_for(&cfg, &a.vae, dtype, device)?;
     let pixels = cfg.input_size * vae.as_ref().map_or(1, |v| v.factor);
     let img = center_crop(&read_rgb(&a.image)?, pixels as u32);
     let x0 = match &vae {

@@ -45,13 +45,7 @@ pub fn run(a: ExtractArgs) -> Result<()> {
     }
     let dtype = a.dtype.dtype_on(&device)?;
     let folder = ImageFolder::open(&a.data)?;
-    let weights = dit::vae::resolve_weights(&a.vae)?;
-    let vae = dit::vae::Vae::load(
-        &weights,
-        &dit::vae::VaeConfig::beside(&weights)?,
-        dtype,
-        &device,
-    )?;
+    let vae = dit::vae::Vae::open(&a.vae, dtype, &device)?;
     if !a.image_size.is_multiple_of(vae.factor) {
         bail!(
             "--image-size must be a multiple of the VAE's factor {}",

@@ -213,12 +213,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let cfg = model.config.clone();
     let opts = a.sampling.options(&cfg, 250)?;
     // Load the VAE before sampling, so a missing one fails in seconds, not after the run.
-    let vae = if cfg.in_channels == 4 && !a.no_decode {
-        let weights = dit::vae::resolve_weights(&a.vae)?;
-        let vae_cfg = dit::vae::VaeConfig::beside(&weights)?;
-        Some(dit::vae::Vae::load(&weights, &vae_cfg, dtype, &device)?)
-    } else {
+    let vae = if a.no_decode {
         None
+    } else {
+        vae_for(&cfg, &a.vae, dtype, &device)?
     };
     let labels: Vec<usize> = if !a.labels.is_empty() {
         a.labels.clone()
@@ -323,4 +321,18 @@ pub fn to_images(
         .collect::<dit::Result<Vec<_>>>()?;
     bar.finish_and_clear();
     Ok(Some(Tensor::cat(&imgs, 0)?))
+}
+
+/// The VAE a latent model (4 input channels) needs, from `source`; None for pixel models.
+pub fn vae_for(
+    cfg: &DiTConfig,
+    source: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<dit::vae::Vae>> {
+    Ok(if cfg.in_channels == 4 {
+        Some(dit::vae::Vae::open(source, dtype, device)?)
+    } else {
+        None
+    })
 }

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use dit::rng::NoiseRng;
 
-use crate::sample::{sample_batched, to_images, ModelArgs, SamplingArgs};
+use crate::sample::{sample_batched, to_images, vae_for, ModelArgs, SamplingArgs};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum LabelMode {
@@ -57,17 +57,7 @@ pub fn run(a: SampleManyArgs) -> Result<()> {
     let (dtype, model) = a.model.load(&device)?;
     let cfg = model.config.clone();
     let opts = a.sampling.options(&cfg, 250)?;
-    let vae = if cfg.in_channels == 4 {
-        let w = dit::vae::resolve_weights(&a.vae)?;
-        Some(dit::vae::Vae::load(
-            &w,
-            &dit::vae::VaeConfig::beside(&w)?,
-            dtype,
-            &device,
-        )?)
-    } else {
-        None
-    };
+    let vae = vae_for(&cfg, &a.vae, dtype, &device)?;
     let dir = a.shard_dir.clone().unwrap_or_else(|| {
         let mut p = a.npz.clone().into_os_string();
         p.push(".shards");

@@ -186,10 +186,9 @@ fn latent_model_decodes_through_a_diffusers_vae_folder() {
 fn train_logs_checkpoints_resumes_and_samples() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
+    // No --patch / --lr / --ema-decay: the built-in recipe's defaults (patch 4).
     let tiny = [
         "--batch-size",
-        "4",
-        "--patch",
         "4",
         "--log-every",
         "2",
@@ -229,6 +228,11 @@ fn train_logs_checkpoints_resumes_and_samples() {
     assert_eq!((plot.width(), plot.height()), (800, 500));
     let grid = image::open(out.join("samples/step-0000006.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (10 * 30 + 2, 2 * 30 + 2));
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("step-0000006/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["model"]["patch_size"], 4);
     // Checkpoints at 3 and 6, both kept; resuming from 6 continues to 9 and prunes 3.
     assert!(
         out.join("step-0000003/state.json").is_file()

@@ -434,6 +434,13 @@ impl Vae {
         })
     }
 
+    /// Resolves `source` as [`resolve_weights`] does (file, diffusers folder, `ema` / `mse`, hub
+    /// id), reads the config beside the weights, and loads them.
+    pub fn open(source: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let weights = resolve_weights(source)?;
+        Self::load(&weights, &VaeConfig::beside(&weights)?, dtype, device)
+    }
+
     /// Loads diffusers-format weights from a `.safetensors` or PyTorch file.
     pub fn load(weights: &Path, cfg: &VaeConfig, dtype: DType, device: &Device) -> Result<Self> {
         let bad = |e: &dyn std::fmt::Display| {
