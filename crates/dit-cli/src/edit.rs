@@ -10,7 +10,7 @@ use dit::rng::NoiseRng;
 use dit::DiT;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::sample::{to_images, vae_for, ModelArgs, SamplingArgs};
+use crate::sample::{to_images, ModelArgs, SamplingArgs};
 
 #[derive(Args)]
 pub struct EditArgs {
@@ -27,9 +27,6 @@ pub struct EditArgs {
     /// Classes to draw (one result each), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     labels: Vec<usize>,
-    /// VAE for latent models: a diffusers folder or file, `ema` / `mse`, or a hub repo id.
-    #[arg(long, default_value = "ema")]
-    vae: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// PNG grid: the input, then each result.
@@ -64,7 +61,7 @@ struct Prepared {
 fn prepare(a: &EditArgs, device: &Device) -> Result<Prepared> {
     let (dtype, model) = a.model.load(device)?;
     let cfg = model.config.clone();
-    let vae = vae_for(&cfg, &a.vae, dtype, device)?;
+    let vae = a.model.vae_for(&cfg, dtype, device)?;
     let pixels = cfg.input_size * vae.as_ref().map_or(1, |v| v.factor);
     let img = center_crop(&read_rgb(&a.image)?, pixels as u32);
     let x0 = match &vae {

@@ -74,6 +74,10 @@ pub struct ModelArgs {
     num_heads: Option<usize>,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
+    /// VAE of latent models: a diffusers folder or file, `ema` / `mse`
+    /// (stabilityai/sd-vae-ft-*), or a hub repo id.
+    #[arg(long, default_value = "ema")]
+    vae: String,
 }
 
 /// How to sample: steps, sampler, guidance.
@@ -127,9 +131,6 @@ pub struct SampleArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// VAE: a diffusers folder or file, `ema` / `mse` (stabilityai/sd-vae-ft-*), or a hub repo id.
-    #[arg(long, default_value = "ema")]
-    vae: String,
     /// Class labels, comma-separated. Default: the paper's 8 classes (1000-class models) or
     /// every class.
     #[arg(long, value_delimiter = ',')]
@@ -157,6 +158,20 @@ pub struct SampleArgs {
 }
 
 impl ModelArgs {
+    /// The VAE a latent model (4 input channels) needs, from `--vae`; None for pixel models.
+    pub fn vae_for(
+        &self,
+        cfg: &DiTConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<dit::vae::Vae>> {
+        Ok(if cfg.in_channels == 4 {
+            Some(dit::vae::Vae::open(&self.vae, dtype, device)?)
+        } else {
+            None
+        })
+    }
+
     /// The compute dtype and the model.
     pub fn load(&self, device: &Device) -> Result<(DType, DiT)> {
         let dtype = self.dtype.dtype_on(device)?;
@@ -216,7 +231,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let vae = if a.no_decode {
         None
     } else {
-        vae_for(&cfg, &a.vae, dtype, &device)?
+        a.model.vae_for(&cfg, dtype, &device)?
     };
     let labels: Vec<usize> = if !a.labels.is_empty() {
         a.labels.clone()
@@ -321,18 +336,4 @@ pub fn to_images(
         .collect::<dit::Result<Vec<_>>>()?;
     bar.finish_and_clear();
     Ok(Some(Tensor::cat(&imgs, 0)?))
-}
-
-/// The VAE a latent model (4 input channels) needs, from `source`; None for pixel models.
-pub fn vae_for(
-    cfg: &DiTConfig,
-    source: &str,
-    dtype: DType,
-    device: &Device,
-) -> Result<Option<dit::vae::Vae>> {
-    Ok(if cfg.in_channels == 4 {
-        Some(dit::vae::Vae::open(source, dtype, device)?)
-    } else {
-        None
-    })
 }

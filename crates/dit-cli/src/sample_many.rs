@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use dit::rng::NoiseRng;
 
-use crate::sample::{sample_batched, to_images, vae_for, ModelArgs, SamplingArgs};
+use crate::sample::{sample_batched, to_images, ModelArgs, SamplingArgs};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum LabelMode {
@@ -26,9 +26,6 @@ pub struct SampleManyArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// VAE: a diffusers folder or file, `ema` / `mse`, or a hub repo id.
-    #[arg(long, default_value = "ema")]
-    vae: String,
     #[arg(long, default_value_t = 50_000)]
     num_samples: usize,
     #[arg(long, value_enum, default_value = "random")]
@@ -57,7 +54,7 @@ pub fn run(a: SampleManyArgs) -> Result<()> {
     let (dtype, model) = a.model.load(&device)?;
     let cfg = model.config.clone();
     let opts = a.sampling.options(&cfg, 250)?;
-    let vae = vae_for(&cfg, &a.vae, dtype, &device)?;
+    let vae = a.model.vae_for(&cfg, dtype, &device)?;
     let dir = a.shard_dir.clone().unwrap_or_else(|| {
         let mut p = a.npz.clone().into_os_string();
         p.push(".shards");
