@@ -32,9 +32,14 @@ pub struct BenchArgs {
     /// Also time the SD VAE decode of one image of this size (random weights).
     #[arg(long)]
     vae: bool,
-    /// Time training steps (forward, backward, AdamW, EMA; f32) instead of the forward pass.
+    /// Time training steps (forward, backward, AdamW, EMA) instead of the forward pass; with
+    /// `--dtype bf16`, mixed precision.
     #[arg(long)]
     train: bool,
+    /// Time whole guided sampling loops (DDIM, this many steps, guidance 4: each step runs
+    /// the model on twice the batch) instead of single forward passes.
+    #[arg(long)]
+    sample_steps: Option<usize>,
 }
 
 /// Peak resident memory of this process (VmHWM), in MiB; 0 where /proc is unavailable.
@@ -50,17 +55,21 @@ fn peak_rss_mib() -> f64 {
 }
 
 /// Training steps/s of each model on random latents (N, 4, h, w) and labels.
-fn bench_train(a: &BenchArgs, dev: &Device) -> Result<()> {
+fn bench_train(a: &BenchArgs, dtype: DType, dev: &Device) -> Result<()> {
     use dit::rng::NoiseRng;
     use dit::train::{reference_init, TrainConfig, Trainer};
     for name in &a.models {
         let cfg = DiTConfig::named(name, a.image_size)?;
         let init = reference_init(&cfg, &mut NoiseRng::new(0))?;
-        let mut tr = Trainer::new(&cfg, init, TrainConfig::default(), 0, dev)?;
+        let tc = TrainConfig {
+            compute_dtype: dtype,
+            ..Default::default()
+        };
+        let mut tr = Trainer::new(&cfg, init, tc, 0, dev)?;
         let n = a.batch_size;
         let x = Tensor::randn(0f32, 1.0, (n, 4, cfg.input_size, cfg.input_size), dev)?;
         let labels: Vec<usize> = (0..n).map(|i| i * 131 % 1000).collect();
-        let s = time(a.iters, || {
+        let s = time(dev, a.iters, || {
             tr.step(&x, &labels)?;
             Ok(())
         })?;
@@ -69,12 +78,16 @@ fn bench_train(a: &BenchArgs, dev: &Device) -> Result<()> {
     Ok(())
 }
 
-fn time<F: FnMut() -> Result<()>>(iters: usize, mut f: F) -> Result<f64> {
+/// Mean seconds per call after one warm-up; the device is synchronised around the timed calls
+/// (GPU work is asynchronous).
+fn time<F: FnMut() -> Result<()>>(dev: &Device, iters: usize, mut f: F) -> Result<f64> {
     f()?;
+    dev.synchronize()?;
     let start = Instant::now();
     for _ in 0..iters {
         f()?;
     }
+    dev.synchronize()?;
     Ok(start.elapsed().as_secs_f64() / iters as f64)
 }
 
@@ -100,30 +113,47 @@ where
     Ok(build(VarBuilder::from_tensors(tensors, dtype, dev))?)
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
-    let dev = Device::Cpu;
-    let dtype = a.dtype.dtype_on(&dev)?;
+pub fn run(a: BenchArgs, dev: &Device) -> Result<()> {
+    let dtype = a.dtype.dtype_on(dev)?;
     if a.train {
-        return bench_train(&a, &dev);
+        return bench_train(&a, dtype, dev);
     }
     for name in &a.models {
         let cfg = DiTConfig::named(name, a.image_size)?;
         // Random weights: timing does not depend on the values.
-        let model = random_weights(|vb| DiT::new(&cfg, vb), dtype, &dev)?;
+        let model = random_weights(|vb| DiT::new(&cfg, vb), dtype, dev)?;
         let n = a.batch_size;
-        let x = Tensor::randn(0f32, 1.0, (n, 4, cfg.input_size, cfg.input_size), &dev)?
+        let x = Tensor::randn(0f32, 1.0, (n, 4, cfg.input_size, cfg.input_size), dev)?
             .to_dtype(dtype)?;
         let t = Tensor::from_vec(
             (0..n).map(|i| (i * 97 % 1000) as f32).collect::<Vec<_>>(),
             n,
-            &dev,
+            dev,
         )?;
         let y = Tensor::from_vec(
             (0..n).map(|i| (i * 131 % 1000) as u32).collect::<Vec<_>>(),
             n,
-            &dev,
+            dev,
         )?;
-        let s = time(a.iters, || {
+        if let Some(steps) = a.sample_steps {
+            let labels: Vec<usize> = (0..n).map(|i| i * 131 % 1000).collect();
+            let opts = dit::pipeline::SampleOptions {
+                steps,
+                sampler: dit::diffusion::Sampler::Ddim { eta: 0.0 },
+                ..Default::default()
+            };
+            let mut rng = dit::rng::NoiseRng::new(0);
+            let s = time(dev, a.iters, || {
+                let noise = x.to_dtype(DType::F32)?;
+                dit::pipeline::sample_latents(&model, &labels, noise, &opts, &mut rng, |_| {})?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
+                Ok(())
+            })?;
+            println!("{{\"what\": \"sample\", \"model\": \"{name}\", \"batch\": {n}, \"steps\": {steps}, \"dtype\": \"{dtype:?}\", \"seconds\": {s:.4}, \"images_per_s\": {:.3}}}", n as f64 / s);
+            continue;
+        }
+        let s = time(dev, a.iters, || {
             model
                 .forward(&x, &t, &y)?
                 .to_dtype(DType::F32)?
@@ -137,11 +167,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let vae = random_weights(
             |vb| dit::vae::Vae::new(&dit::vae::VaeConfig::sd(), vb),
             dtype,
-            &dev,
+            dev,
         )?;
         let l = a.image_size / 8;
-        let z = Tensor::randn(0f32, 1.0, (1, 4, l, l), &dev)?.to_dtype(dtype)?;
-        let s = time(a.iters, || {
+        let z = Tensor::randn(0f32, 1.0, (1, 4, l, l), dev)?.to_dtype(dtype)?;
+        let s = time(dev, a.iters, || {
             vae.decode(&z)?
                 .to_dtype(DType::F32)?
                 .sum_all()?

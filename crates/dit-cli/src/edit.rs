@@ -102,9 +102,8 @@ fn write(p: &Prepared, result: &Tensor, out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-pub fn edit(a: EditArgs) -> Result<()> {
-    let device = Device::Cpu;
-    let p = prepare(&a, &device)?;
+pub fn edit(a: EditArgs, device: &Device) -> Result<()> {
+    let p = prepare(&a, device)?;
     let opts = a.sampling.options(&p.model.config, 250)?;
     let n = a.labels.len();
     let x0 = p.x0.repeat((n, 1, 1, 1))?;
@@ -127,15 +126,14 @@ pub fn edit(a: EditArgs) -> Result<()> {
     write(&p, &result, &a.out)
 }
 
-pub fn inpaint(a: InpaintArgs) -> Result<()> {
-    let device = Device::Cpu;
+pub fn inpaint(a: InpaintArgs, device: &Device) -> Result<()> {
     let e = &a.edit;
-    let p = prepare(e, &device)?;
+    let p = prepare(e, device)?;
     let cfg = &p.model.config;
     let opts = e.sampling.options(cfg, 250)?;
     // The mask in model space: resized like the image, then to the latent grid; 1 = keep.
     let m = center_crop(&read_rgb(&a.mask)?, p.pixels as u32);
-    let m = to_tensor(&[m], 1, &device)?; // [-1, 1], white = 1
+    let m = to_tensor(&[m], 1, device)?; // [-1, 1], white = 1
     let m = if cfg.input_size != p.pixels {
         m.interpolate2d(cfg.input_size, cfg.input_size)?
     } else {

@@ -51,9 +51,8 @@ pub struct TrainClassifierArgs {
 }
 
 /// Trains the evaluation classifier on the built-in set minus its held-out tenth.
-pub fn train_classifier(a: TrainClassifierArgs) -> Result<()> {
-    let device = Device::Cpu;
-    let data = dit::data::mnist(&device)?;
+pub fn train_classifier(a: TrainClassifierArgs, device: &Device) -> Result<()> {
+    let data = dit::data::mnist(device)?;
     let bar = indicatif::ProgressBar::new(a.epochs as u64).with_message("training classifier");
     let (model, tensors) = classifier::train(&data, a.epochs, a.seed, |epoch, loss| {
         bar.suspend(|| println!("epoch {}: mean loss {loss:.4}", epoch + 1));
@@ -93,17 +92,16 @@ fn held_out_accuracy(
     Ok((right as f64 / idx.len() as f64, feats))
 }
 
-pub fn run(a: EvalBuiltinArgs) -> Result<()> {
-    let device = Device::Cpu;
+pub fn run(a: EvalBuiltinArgs, device: &Device) -> Result<()> {
     if a.per_class == 0 || a.batch_size == 0 {
         bail!("--per-class and --batch-size must be at least 1");
     }
     let classifier = match &a.classifier {
-        Some(p) => Classifier::from_tensors(&dit::checkpoint::read_tensors(p)?, &device)
+        Some(p) => Classifier::from_tensors(&dit::checkpoint::read_tensors(p)?, device)
             .with_context(|| format!("cannot load classifier {}", p.display()))?,
-        None => dit::builtin::classifier(&device)?,
+        None => dit::builtin::classifier(device)?,
     };
-    let (_, model) = a.model.load(&device)?;
+    let (_, model) = a.model.load(device)?;
     let cfg = model.config.clone();
     if (cfg.in_channels, cfg.input_size, cfg.num_classes) != (1, 28, classifier.num_classes) {
         bail!(
@@ -112,7 +110,7 @@ pub fn run(a: EvalBuiltinArgs) -> Result<()> {
         );
     }
     let opts = a.sampling.options(&cfg, 50)?;
-    let data = dit::data::mnist(&device)?;
+    let data = dit::data::mnist(device)?;
     let (real_acc, real_feats) = held_out_accuracy(&classifier, &data)?;
 
     let labels: Vec<usize> = (0..cfg.num_classes)
@@ -122,7 +120,7 @@ pub fn run(a: EvalBuiltinArgs) -> Result<()> {
     let noise = rng.randn_like(&Tensor::zeros(
         (labels.len(), 1, 28, 28),
         DType::F32,
-        &device,
+        device,
     )?)?;
     let started = std::time::Instant::now();
     let images = sample_batched(&model, &labels, &noise, &opts, a.batch_size, &mut rng)?
@@ -148,7 +146,7 @@ pub fn run(a: EvalBuiltinArgs) -> Result<()> {
     let (_, train_feats) = classifier.predict(
         &data
             .images
-            .index_select(&Tensor::new(train_idx.as_slice(), &device)?, 0)?,
+            .index_select(&Tensor::new(train_idx.as_slice(), device)?, 0)?,
     )?;
     let fd_real = frechet_distance(&GaussianStats::from_rows(&train_feats)?, &real_stats)?;
 
@@ -189,7 +187,7 @@ pub fn run(a: EvalBuiltinArgs) -> Result<()> {
         let rows: Vec<u32> = (0..cfg.num_classes)
             .flat_map(|c| (0..a.per_class.min(10)).map(move |i| (c * a.per_class + i) as u32))
             .collect();
-        let pick = images.index_select(&Tensor::new(rows.as_slice(), &device)?, 0)?;
+        let pick = images.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
         let rgb = dit::image_io::to_rgb_images(&pick)?;
         dit::image_io::save_png(&dit::image_io::make_grid(&rgb, a.per_class.min(10), 2), p)?;
         println!("wrote {}", p.display());

@@ -38,14 +38,13 @@ pub struct ExtractArgs {
     dtype: DTypeArg,
 }
 
-pub fn run(a: ExtractArgs) -> Result<()> {
-    let device = Device::Cpu;
+pub fn run(a: ExtractArgs, device: &Device) -> Result<()> {
     if a.image_size == 0 || a.batch_size == 0 {
         bail!("--image-size and --batch-size must be at least 1");
     }
-    let dtype = a.dtype.dtype_on(&device)?;
+    let dtype = a.dtype.dtype_on(device)?;
     let folder = ImageFolder::open(&a.data)?;
-    let vae = dit::vae::Vae::open(&a.vae, dtype, &device)?;
+    let vae = dit::vae::Vae::open(&a.vae, dtype, device)?;
     if !a.image_size.is_multiple_of(vae.factor) {
         bail!(
             "--image-size must be a multiple of the VAE's factor {}",
@@ -86,7 +85,7 @@ pub fn run(a: ExtractArgs) -> Result<()> {
         if images.is_empty() {
             continue;
         }
-        let x = to_tensor(&images, 3, &device)?.to_dtype(dtype)?;
+        let x = to_tensor(&images, 3, device)?.to_dtype(dtype)?;
         let flipped = dit::data::flip_horizontal(&x)?;
         let z = vae
             .encode(&x, &mut rng)?

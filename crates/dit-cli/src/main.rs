@@ -19,6 +19,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "dit", version, about = "Diffusion Transformers (DiT) in Rust")]
 struct Cli {
+    /// Where to compute: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,21 +83,32 @@ fn main() {
         .init();
     keep_freed_memory();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Sample(args) => sample::run(*args),
-        Command::SampleMany(args) => sample_many::run(*args),
-        Command::Edit(args) => edit::edit(*args),
-        Command::Inpaint(args) => edit::inpaint(*args),
+    let result = dit::device::parse(&cli.device)
+        .map_err(anyhow::Error::from)
+        .and_then(|device| run(cli.command, &device));
+    if let Err(e) = result {
+        // One clear line, no backtrace: bad input is not a crash.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command, device: &candle_core::Device) -> anyhow::Result<()> {
+    match command {
+        Command::Sample(args) => sample::run(*args, device),
+        Command::SampleMany(args) => sample_many::run(*args, device),
+        Command::Edit(args) => edit::edit(*args, device),
+        Command::Inpaint(args) => edit::inpaint(*args, device),
         Command::Convert {
             input,
             output,
             half,
         } => convert(&input, &output, half),
-        Command::Bench(args) => bench::run(args),
-        Command::Train(args) => train::run(*args),
-        Command::EvalBuiltin(args) => eval_builtin::run(*args),
-        Command::TrainClassifier(args) => eval_builtin::train_classifier(args),
-        Command::ExtractLatents(args) => extract::run(args),
+        Command::Bench(args) => bench::run(args, device),
+        Command::Train(args) => train::run(*args, device),
+        Command::EvalBuiltin(args) => eval_builtin::run(*args, device),
+        Command::TrainClassifier(args) => eval_builtin::train_classifier(args, device),
+        Command::ExtractLatents(args) => extract::run(args, device),
         Command::Flops {
             model,
             all,
@@ -103,11 +117,6 @@ fn main() {
         Command::PlotLoss { log, out } => train::plot_loss(&log, &out).map(|()| {
             println!("wrote {}", out.display());
         }),
-    };
-    if let Err(e) = result {
-        // One clear line, no backtrace: bad input is not a crash.
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }
 

@@ -219,19 +219,18 @@ impl ModelArgs {
     }
 }
 
-pub fn run(a: SampleArgs) -> Result<()> {
-    let device = Device::Cpu;
+pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let (dtype, model) = a.model.load(&device)?;
+    let (dtype, model) = a.model.load(device)?;
     let cfg = model.config.clone();
     let opts = a.sampling.options(&cfg, 250)?;
     // Load the VAE before sampling, so a missing one fails in seconds, not after the run.
     let vae = if a.no_decode {
         None
     } else {
-        a.model.vae_for(&cfg, dtype, &device)?
+        a.model.vae_for(&cfg, dtype, device)?
     };
     let labels: Vec<usize> = if !a.labels.is_empty() {
         a.labels.clone()
@@ -253,7 +252,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
                 .with_context(|| format!("noise {} does not fit {n} labels", p.display()))?;
             t
         }
-        None => rng.randn_like(&Tensor::zeros(shape, DType::F32, &device)?)?,
+        None => rng.randn_like(&Tensor::zeros(shape, DType::F32, device)?)?,
     };
     let latents = sample_batched(&model, &labels, &noise, &opts, a.batch_size, &mut rng)?;
     if let Some(p) = &a.save_latents {

@@ -46,15 +46,14 @@ pub struct SampleManyArgs {
     shard_dir: Option<PathBuf>,
 }
 
-pub fn run(a: SampleManyArgs) -> Result<()> {
-    let device = Device::Cpu;
+pub fn run(a: SampleManyArgs, device: &Device) -> Result<()> {
     if a.num_samples == 0 || a.shard_size == 0 || a.batch_size == 0 {
         bail!("--num-samples, --shard-size and --batch-size must be at least 1");
     }
-    let (dtype, model) = a.model.load(&device)?;
+    let (dtype, model) = a.model.load(device)?;
     let cfg = model.config.clone();
     let opts = a.sampling.options(&cfg, 250)?;
-    let vae = a.model.vae_for(&cfg, dtype, &device)?;
+    let vae = a.model.vae_for(&cfg, dtype, device)?;
     let dir = a.shard_dir.clone().unwrap_or_else(|| {
         let mut p = a.npz.clone().into_os_string();
         p.push(".shards");
@@ -85,7 +84,7 @@ pub fn run(a: SampleManyArgs) -> Result<()> {
             })
             .collect();
         let shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size);
-        let noise = rng.randn_like(&Tensor::zeros(shape, DType::F32, &device)?)?;
+        let noise = rng.randn_like(&Tensor::zeros(shape, DType::F32, device)?)?;
         println!("shard {}/{shards}: sampling {n}", s + 1);
         let latents = sample_batched(&model, &labels, &noise, &opts, a.batch_size, &mut rng)?;
         let images = to_images(&latents, vae.as_ref(), dtype, &cfg)?

@@ -80,6 +80,9 @@ pub struct TrainArgs {
     /// accumulation (same update, less memory). Default: the global batch.
     #[arg(long)]
     micro_batch_size: Option<usize>,
+    /// Compute dtype: f32, or bf16 mixed precision (f32 weights, optimiser and EMA; GPU only).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: crate::sample::DTypeArg,
     /// Linear learning-rate warm-up over this many steps (0: constant, as the paper).
     #[arg(long, default_value_t = 0)]
     warmup: usize,
@@ -117,13 +120,12 @@ pub struct TrainArgs {
     sample_every: usize,
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
-    let dev = Device::Cpu;
+pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
     let micro = a.micro_batch_size.unwrap_or(a.global_batch_size);
     if a.global_batch_size == 0 || a.steps == 0 || micro == 0 {
         bail!("--steps, --global-batch-size and --micro-batch-size must be at least 1");
     }
-    let data = training_set(&a, &dev)?;
+    let data = training_set(&a, dev)?;
     let (channels, size) = data.input()?;
     let cfg = TrainConfig {
         // With no --data, the embedded model's recipe (a short run); otherwise the paper's.
@@ -136,13 +138,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             LossArg::Mse => LossKind::Mse,
             LossArg::L1 => LossKind::L1,
         },
+        compute_dtype: a.dtype.dtype_on(dev)?,
         ..Default::default()
     };
     let (mut tr, mut pos) = match &a.resume {
-        Some(dir) => Trainer::resume(dir, cfg, &dev)?,
+        Some(dir) => Trainer::resume(dir, cfg, dev)?,
         None => {
             let (model, init) = initial_weights(&a, channels, size, data.num_classes())?;
-            (Trainer::new(&model, init, cfg, a.seed, &dev)?, 0)
+            (Trainer::new(&model, init, cfg, a.seed, dev)?, 0)
         }
     };
     let mc = &tr.model.config;
@@ -169,7 +172,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let n = data.len();
     while tr.opt.step < a.steps {
         let idx = batch_indices(n, a.seed, pos, a.global_batch_size);
-        let (x, labels) = data.batch(&idx, a.flip, a.seed, pos, &dev)?;
+        let (x, labels) = data.batch(&idx, a.flip, a.seed, pos, dev)?;
         let loss = tr.step_accumulated(&x, &labels, micro)?;
         pos += a.global_batch_size;
         if !loss.is_finite() {
@@ -337,7 +340,8 @@ fn with_target(mut cfg: DiTConfig, a: &TrainArgs) -> DiTConfig {
 fn sample_grid(tr: &Trainer, path: &std::path::Path) -> Result<()> {
     let cfg = &tr.model.config;
     let ema = tr.ema.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let model = dit::checkpoint::build_model(cfg, ema, candle_core::DType::F32, &Device::Cpu)?;
+    let dev = tr.model.device();
+    let model = dit::checkpoint::build_model(cfg, ema, candle_core::DType::F32, dev)?;
     let labels: Vec<usize> = (0..2).flat_map(|_| 0..cfg.num_classes.min(10)).collect();
     let mut rng = NoiseRng::new(0);
     let shape = (
@@ -346,11 +350,7 @@ fn sample_grid(tr: &Trainer, path: &std::path::Path) -> Result<()> {
         cfg.input_size,
         cfg.input_size,
     );
-    let noise = rng.randn_like(&Tensor::zeros(
-        shape,
-        candle_core::DType::F32,
-        &Device::Cpu,
-    )?)?;
+    let noise = rng.randn_like(&Tensor::zeros(shape, candle_core::DType::F32, dev)?)?;
     let opts = dit::pipeline::SampleOptions {
         steps: 50,
         clip_denoised: true,

@@ -223,8 +223,9 @@ impl Module for Linear {
                 *shape.last_mut().expect("rank >= 1") = w.n;
                 Tensor::from_vec(y, shape, x.device())
             }
-            _ if x.track_op() || self.inner.weight().track_op() => {
-                // Training: one 2-D GEMM onto the bias (its backward pass: GEMMs too).
+            _ if x.track_op() || self.inner.weight().track_op() || !x.device().is_cpu() => {
+                // Training: one 2-D GEMM onto the bias (its backward pass: GEMMs too). GPUs:
+                // a 2-D GEMM and the fused bias kernel.
                 let dims = x.dims().to_vec();
                 let k = *dims.last().unwrap_or(&0);
                 let w = self.inner.weight();

@@ -12,12 +12,15 @@ pub mod builtin;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod diffusion;
 pub mod eval;
 pub mod gemm_bf16;
 pub mod image_io;
 pub mod model;
 pub mod ops;
+#[cfg(feature = "cuda")]
+pub mod ops_cuda;
 pub mod pipeline;
 pub mod plot;
 pub mod rng;

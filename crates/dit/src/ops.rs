@@ -146,6 +146,10 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// CPU (candle's ops elsewhere). As one op it keeps only its inputs for the backward pass, as
 /// torch's addmm does; a matmul followed by a bias add kept the (M, N) product alive twice.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::ops_cuda::applies(&[x, w, b]) {
+        return crate::ops_cuda::linear(x, w, b);
+    }
     if fusable(&[x, w, b]) && x.dtype() == DType::F32 {
         x.contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
@@ -242,6 +246,10 @@ impl candle_core::CustomOp3 for LinearOp {
 /// qkv: (N, T, 3 * D) with q, k, v each split into `num_heads` heads of D / num_heads channels
 /// (the layout of timm's `Attention`); returns (N, T, D) with the heads concatenated.
 pub fn self_attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::ops_cuda::applies(&[qkv]) {
+        return crate::ops_cuda::self_attention(qkv, num_heads);
+    }
     if qkv.device().is_cpu() && qkv.dtype() == DType::BF16 && !qkv.track_op() {
         // Attention is a small share of the work; run it in f32 (as autocast does for softmax).
         return self_attention(&qkv.to_dtype(DType::F32)?, num_heads)?.to_dtype(DType::BF16);
@@ -764,6 +772,10 @@ fn rows_op<T: Elem + candle_core::WithDType>(
 /// LayerNorm without affine (eps 1e-6) then adaLN modulation, x * (1 + scale) + shift, in one
 /// pass: x (N, T, D), shift and scale (N, D).
 pub fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::ops_cuda::applies(&[x, shift, scale]) {
+        return crate::ops_cuda::modulated_layer_norm(x, shift, scale);
+    }
     if !fusable(&[x, shift, scale]) {
         return modulated_layer_norm_unfused(x, shift, scale);
     }
@@ -884,6 +896,10 @@ fn modulated_ln_rows<T: Elem + candle_core::WithDType>(
 
 /// The gated residual of adaLN-Zero, x + gate * h, in one pass: x, h (N, T, D), gate (N, D).
 pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::ops_cuda::applies(&[x, gate, h]) {
+        return crate::ops_cuda::gated_residual(x, gate, h);
+    }
     if !fusable(&[x, gate, h]) {
         return gated_residual_unfused(x, gate, h);
     }

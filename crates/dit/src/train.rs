@@ -88,6 +88,10 @@ pub struct TrainConfig {
     pub warmup_steps: usize,
     /// The regression loss on the prediction (the paper: MSE).
     pub loss: crate::diffusion::LossKind,
+    /// The dtype of the forward and backward passes. F32: plain training. BF16: mixed
+    /// precision, as torch's autocast: the weights, their gradients, the optimiser moments and
+    /// the EMA stay f32; each step computes with bf16 casts of the weights (GPU only).
+    pub compute_dtype: DType,
 }
 
 impl Default for TrainConfig {
@@ -101,6 +105,7 @@ impl Default for TrainConfig {
             class_dropout: 0.1,
             warmup_steps: 0,
             loss: Default::default(),
+            compute_dtype: DType::F32,
         }
     }
 }
@@ -182,6 +187,12 @@ impl Trainer {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        if cfg.compute_dtype != DType::F32 && device.is_cpu() {
+            return Err(crate::Error::Input(format!(
+                "{:?} mixed-precision training runs on a GPU; on the CPU train in f32",
+                cfg.compute_dtype
+            )));
+        }
         let mut params: Vec<(String, Var)> = weights
             .iter()
             .map(|(n, t)| Ok((n.clone(), Var::from_tensor(&t.to_device(device)?)?)))
@@ -281,9 +292,26 @@ impl Trainer {
     pub fn loss(&self, x0: &Tensor, t: &[usize], noise: &Tensor, y: &[u32]) -> Result<Tensor> {
         let x_t = self.diffusion.q_sample(x0, t, noise)?;
         let y = Tensor::new(y, x0.device())?;
-        let out = self
-            .model
-            .forward(&x_t, &self.diffusion.model_timesteps(t, x0.device())?, &y)?;
+        let timesteps = self.diffusion.model_timesteps(t, x0.device())?;
+        let dtype = self.cfg.compute_dtype;
+        let out = if dtype == DType::F32 {
+            self.model.forward(&x_t, &timesteps, &y)?
+        } else {
+            // Autocast: a model over casts of the f32 variables. The casts are recorded, so the
+            // gradients flow back to the f32 variables (and arrive there in f32).
+            let casts: HashMap<String, Tensor> = self
+                .params
+                .iter()
+                .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(dtype)?)))
+                .collect::<Result<_>>()?;
+            let model = DiT::new(
+                &self.model.config,
+                VarBuilder::from_tensors(casts, dtype, x0.device()),
+            )?;
+            model
+                .forward(&x_t.to_dtype(dtype)?, &timesteps, &y)?
+                .to_dtype(DType::F32)?
+        };
         Ok(self
             .diffusion
             .training_losses(&out, x0, &x_t, noise, t)?

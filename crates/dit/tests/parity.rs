@@ -11,14 +11,22 @@ use dit::model::GuidedChannels;
 use dit::pipeline::{sample_latents, SampleOptions};
 use dit::rng::NoiseRng;
 
+/// The fixtures folder; `DIT_FIXTURES` overrides it (a test binary run on another machine).
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
+    std::env::var_os("DIT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
         .join(name)
 }
 
+/// The device under test: `DIT_TEST_DEVICE` (cpu, cuda, cuda:N), the CPU by default. The same
+/// fixtures and tolerances hold on every device.
+fn dev() -> Device {
+    dit::device::parse(&std::env::var("DIT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap()
+}
+
 fn load(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixture(name), &dev()).unwrap()
 }
 
 /// Relative L2 error ||a - b|| / ||b||.
@@ -54,7 +62,7 @@ fn check_model(name: &str, heads: usize, steps: usize) {
     let tensors = checkpoint::read_tensors(&fixture(&format!("{name}.pt"))).unwrap();
     let mut cfg = checkpoint::infer_config(&tensors, None).unwrap();
     cfg.num_heads = heads;
-    let model = checkpoint::build_model(&cfg, tensors, DType::F32, &Device::Cpu).unwrap();
+    let model = checkpoint::build_model(&cfg, tensors, DType::F32, &dev()).unwrap();
     let y = f["y"].to_dtype(DType::U32).unwrap();
     let out = model.forward(&f["x"], &f["t"], &y).unwrap();
     let e = rel_l2(&out, &f["out"]);
@@ -75,7 +83,7 @@ fn check_model(name: &str, heads: usize, steps: usize) {
     // One step of the 250-step DDPM chain at respaced step 100: mean and log variance.
     let d = GaussianDiffusion::dit("250").unwrap();
     let ts = vec![100; 3];
-    let t_model = d.model_timesteps(&ts, &Device::Cpu).unwrap();
+    let t_model = d.model_timesteps(&ts, &dev()).unwrap();
     let mo = model.forward(&f["x"], &t_model, &y).unwrap();
     assert!(rel_l2(&mo, &f["ddpm_out"]) < 1e-5);
     let mv = d.p_mean_variance(&f["ddpm_out"], &f["x"], &ts).unwrap();
@@ -124,7 +132,7 @@ fn ten_class_128px_model_trainpy_checkpoint_uses_ema() {
 
 #[test]
 fn bf16_forward_and_sampling_stay_close_to_f32() {
-    if !dit::gemm_bf16::available() {
+    if dev().is_cpu() && !dit::gemm_bf16::available() {
         eprintln!("skipped: no AVX512-BF16 on this CPU");
         return;
     }
@@ -132,7 +140,7 @@ fn bf16_forward_and_sampling_stay_close_to_f32() {
     let tensors = checkpoint::read_tensors(&fixture("dit_c1000_256.pt")).unwrap();
     let mut cfg = checkpoint::infer_config(&tensors, None).unwrap();
     cfg.num_heads = 4;
-    let model = checkpoint::build_model(&cfg, tensors, DType::BF16, &Device::Cpu).unwrap();
+    let model = checkpoint::build_model(&cfg, tensors, DType::BF16, &dev()).unwrap();
     let y = f["y"].to_dtype(DType::U32).unwrap();
     let out = model.forward(&f["x"], &f["t"], &y).unwrap();
     assert_eq!(out.dtype(), DType::BF16);
@@ -184,7 +192,7 @@ fn vae_decode_and_encode_match_diffusers() {
         (cfg.block_out_channels.as_slice(), cfg.layers_per_block),
         ([32, 64].as_slice(), 1)
     );
-    let vae = dit::vae::Vae::load(&weights, &cfg, DType::F32, &Device::Cpu).unwrap();
+    let vae = dit::vae::Vae::load(&weights, &cfg, DType::F32, &dev()).unwrap();
     // A batch of 2: candle-transformers' VAE got this wrong (see vae.rs).
     let img = vae.decode(&io["latents"]).unwrap();
     let e = rel_l2(&img, &io["decoded"]);
@@ -282,7 +290,7 @@ fn builtin_mnist_holds_the_source_digits() {
             assert_eq!(d, &w, "class {label} digit {k}");
         }
     }
-    let set = dit::data::mnist(&Device::Cpu).unwrap();
+    let set = dit::data::mnist(&dev()).unwrap();
     assert_eq!(set.images.dims(), [10_000, 1, 28, 28]);
     let (lo, hi) = (
         set.images.min_all().unwrap().to_scalar::<f32>().unwrap(),
@@ -317,8 +325,37 @@ fn clip_denoised_clamps_x0_before_the_posterior() {
 
 #[test]
 fn training_gradients_match_torch_autograd() {
-    // A tiny DiT (random non-zero weights, so every parameter gets a gradient), the hybrid loss
-    // averaged over a batch with a dropped label, differentiated by torch and by us.
+    check_training_gradients(DType::F32, 1e-5, 1e-4);
+}
+
+#[test]
+fn mixed_precision_gradients_stay_close_to_torch_f32() {
+    // bf16 autocast (GPU only): the same loss and gradients within bf16's precision, and the
+    // gradients arrive in f32 on the f32 variables.
+    if dev().is_cpu() {
+        let f = load("grads.safetensors");
+        let cfg = dit::train::TrainConfig {
+            compute_dtype: DType::BF16,
+            ..Default::default()
+        };
+        let weights: checkpoint::Tensors = f
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("weight.")?.to_string(), v.clone())))
+            .collect();
+        let model = checkpoint::infer_config(&weights, Some(8)).unwrap();
+        let err = dit::train::Trainer::new(&model, weights, cfg, 0, &dev())
+            .err()
+            .expect("bf16 training is refused on the CPU");
+        assert!(err.to_string().contains("GPU"), "{err}");
+        return;
+    }
+    check_training_gradients(DType::BF16, 2e-2, 5e-2);
+}
+
+/// A tiny DiT (random non-zero weights, so every parameter gets a gradient), the hybrid loss
+/// averaged over a batch with a dropped label, differentiated by torch (f32) and by us computing
+/// in `dtype`; loss and gradients within the given relative tolerances.
+fn check_training_gradients(dtype: DType, loss_tol: f32, grad_tol: f64) {
     let f = load("grads.safetensors");
     let weights: checkpoint::Tensors = f
         .iter()
@@ -329,22 +366,19 @@ fn training_gradients_match_torch_autograd() {
         num_heads: 2,
         ..cfg
     };
-    let tr = dit::train::Trainer::new(
-        &cfg,
-        weights,
-        dit::train::TrainConfig::default(),
-        0,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let tc = dit::train::TrainConfig {
+        compute_dtype: dtype,
+        ..Default::default()
+    };
+    let tr = dit::train::Trainer::new(&cfg, weights, tc, 0, &dev()).unwrap();
     let ts = labels(&f["t"]);
     let y: Vec<u32> = labels(&f["y"]).iter().map(|&l| l as u32).collect();
     let loss = tr.loss(&f["x0"], &ts, &f["noise"], &y).unwrap();
     let want = f["loss"].to_vec1::<f32>().unwrap()[0];
     let got = loss.to_scalar::<f32>().unwrap();
     assert!(
-        (got - want).abs() < 1e-5 * want.abs(),
-        "loss {got} vs {want}"
+        (got - want).abs() < loss_tol * want.abs(),
+        "{dtype:?}: loss {got} vs {want}"
     );
     let grads = loss.backward().unwrap();
     let mut checked = 0;
@@ -352,8 +386,9 @@ fn training_gradients_match_torch_autograd() {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_eq!(g.dtype(), DType::F32, "gradient of {name}");
         let e = rel_l2(g, &f[&format!("grad.{name}")]);
-        assert!(e < 1e-4, "gradient of {name}: rel L2 {e}");
+        assert!(e < grad_tol, "{dtype:?}: gradient of {name}: rel L2 {e}");
         checked += 1;
     }
     assert_eq!(checked, f.keys().filter(|k| k.starts_with("grad.")).count());
@@ -396,4 +431,103 @@ fn cosine_schedule_and_v_target_match_diffusers() {
     let ts = labels(&f["t"]);
     let v = d.training_target(&f["x0"], &f["noise"], &ts).unwrap();
     assert!(rel_l2(&v, &f["v"]) < 1e-5);
+}
+
+#[test]
+fn cuda_kernels_match_candle_ops_and_their_gradients() {
+    // The fused CUDA kernels (ops routes GPU tensors to them) against candle's generic ops, in
+    // value and in the gradient of every input. Runs where DIT_TEST_DEVICE is a GPU.
+    let dev = dev();
+    if dev.is_cpu() {
+        eprintln!("skipped: DIT_TEST_DEVICE is the CPU");
+        return;
+    }
+    use candle_core::Var;
+    use dit::ops;
+    let (n, t, d, heads) = (2, 24, 64, 4);
+    let var = |shape: &[usize]| {
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap()
+    };
+    let (x, h, qkv) = (var(&[n, t, d]), var(&[n, t, d]), var(&[n, t, 3 * d]));
+    let (shift, scale, gate) = (var(&[n, d]), var(&[n, d]), var(&[n, d]));
+    let (x2, w, b) = (var(&[n * t, d]), var(&[2 * d, d]), var(&[2 * d]));
+    type Case<'a> = (&'a str, Vec<&'a Var>, Box<dyn Fn(bool) -> Tensor + 'a>);
+    let cases: Vec<Case> = vec![
+        (
+            "modulated_layer_norm",
+            vec![&x, &shift, &scale],
+            Box::new(|fused| {
+                let f = if fused {
+                    ops::modulated_layer_norm
+                } else {
+                    ops::modulated_layer_norm_unfused
+                };
+                f(&x, &shift, &scale).unwrap()
+            }),
+        ),
+        (
+            "gated_residual",
+            vec![&x, &gate, &h],
+            Box::new(|fused| {
+                let f = if fused {
+                    ops::gated_residual
+                } else {
+                    ops::gated_residual_unfused
+                };
+                f(&x, &gate, &h).unwrap()
+            }),
+        ),
+        (
+            "self_attention",
+            vec![&qkv],
+            Box::new(|fused| {
+                let f = if fused {
+                    ops::self_attention
+                } else {
+                    ops::self_attention_unfused
+                };
+                f(&qkv, heads).unwrap()
+            }),
+        ),
+        (
+            "linear",
+            vec![&x2, &w, &b],
+            Box::new(|fused| {
+                if fused {
+                    ops::linear(&x2, &w, &b).unwrap()
+                } else {
+                    x2.matmul(&w.t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&b)
+                        .unwrap()
+                }
+            }),
+        ),
+    ];
+    for (name, inputs, f) in cases {
+        let (fused, plain) = (f(true), f(false));
+        let e = rel_l2(&fused, &plain);
+        assert!(e < 1e-5, "{name}: rel L2 {e}");
+        let r = Tensor::randn(0f32, 1.0, fused.shape(), &dev).unwrap();
+        let gf = (&fused * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (&plain * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, v) in inputs.iter().enumerate() {
+            let (a, b) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gp.get(v.as_tensor()).unwrap(),
+            );
+            let e = rel_l2(a, b);
+            assert!(e < 1e-4, "{name}: gradient of input {i}: rel L2 {e}");
+        }
+    }
 }

@@ -72,6 +72,10 @@ impl DiT {
         })
     }
 
+    pub fn device(&self) -> &candle_core::Device {
+        self.pos_embed.device()
+    }
+
     pub fn dtype(&self) -> DType {
         self.pos_embed.dtype()
     }

@@ -1,0 +1,62 @@
+//! Choosing where the tensors live: `cpu`, `cuda` or `cuda:N` (the `--device` flag).
+
+use candle_core::Device;
+
+use crate::{Error, Result};
+
+/// Parses a device name: `cpu`, `cuda` (GPU 0) or `cuda:N`. A CUDA name in a build without the
+/// `cuda` feature is an error that says how to get one, not a silent fall-back to the CPU.
+pub fn parse(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let ordinal = match spec.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" | "gpu" => 0,
+        s => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "unknown device {spec:?}: expected cpu, cuda or cuda:N"
+                ))
+            })?,
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::Input(format!(
+            "device {spec:?}: this build has no CUDA support; rebuild with `--features cuda` \
+             (see tools/setup-cuda.sh)"
+        )));
+    }
+    Device::new_cuda(ordinal)
+        .map_err(|e| Error::Input(format!("device {spec:?} cannot be opened: {e}")))
+}
+
+/// The device name as `parse` reads it.
+pub fn name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_rejects_garbage() {
+        assert!(parse("cpu").unwrap().is_cpu());
+        assert!(parse(" CPU ").unwrap().is_cpu());
+        let e = parse("tpu:0").unwrap_err().to_string();
+        assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
+        let e = parse("cuda:x").unwrap_err().to_string();
+        assert!(e.contains("cuda:x"), "{e}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_build_it() {
+        let e = parse("cuda:0").unwrap_err().to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+}
