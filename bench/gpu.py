@@ -179,6 +179,8 @@ def main():
             s = None if a.ours_only else torch_train(cfg, a.train_batch, a.iters)
             row(f"{name} train b{a.train_batch}", "steps/s", r["steps_per_s"], s and 1 / s,
                 3 * forward_flops(cfg, a.train_batch))
+            print(f"  ours: forward + backward {r['forward_backward_seconds'] * 1e3:.1f} ms of "
+                  f"{r['seconds'] * 1e3:.1f} ms per step", flush=True)
 
 
 if __name__ == "__main__":

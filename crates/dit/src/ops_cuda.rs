@@ -8,9 +8,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
-    Shape, Tensor,
+    Shape, Storage, Tensor,
 };
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dit_kernels.ptx"));
@@ -580,4 +581,91 @@ pub fn self_attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
         tokens: t,
         inverse: false,
     })
+}
+
+// ------------------------------------------------------------------ optimiser
+
+/// Runs `kernel` on tensors outside autograd (optimiser state), giving an untracked tensor.
+fn launch_untracked(
+    kernel: &str,
+    inputs: &[&Tensor],
+    shape: Shape,
+    ints: &[u32],
+    floats: &[f32],
+) -> Result<Tensor> {
+    let inputs = inputs
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+    let pairs = guards
+        .iter()
+        .map(|(s, l)| match &**s {
+            Storage::Cuda(c) => Ok((c, *l)),
+            _ => candle_core::bail!("{kernel}: not a CUDA tensor"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let n = shape.elem_count();
+    let (storage, shape) = launch(kernel, &pairs, shape, ints, floats, Grid::Elements(n))?;
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// Whether the optimiser kernels take these tensors (CUDA, f32).
+pub fn applies_f32(ts: &[&Tensor]) -> bool {
+    applies(ts) && ts[0].dtype() == DType::F32
+}
+
+/// Hyper-parameters of one AdamW step: lr, (b1, b2), eps, weight decay, and the bias
+/// corrections c1 = 1 - b1^t, c2 = 1 - b2^t.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub b1: f32,
+    pub b2: f32,
+    pub eps: f32,
+    pub wd: f32,
+    pub c1: f32,
+    pub c2: f32,
+}
+
+/// One AdamW step in two fused passes: returns (theta', m', v').
+pub fn adamw(
+    theta: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    h: AdamWStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = theta.elem_count();
+    let mv = launch_untracked(
+        "adamw_moments",
+        &[g, m, v],
+        Shape::from((2, n)),
+        &[u(n)],
+        &[h.b1, h.b2],
+    )?;
+    let theta2 = launch_untracked(
+        "adamw_theta",
+        &[theta, &mv],
+        Shape::from(n),
+        &[u(n)],
+        &[h.lr, h.c1, h.c2, h.eps, h.wd],
+    )?;
+    let shape = theta.shape();
+    Ok((
+        theta2.reshape(shape)?,
+        mv.get(0)?.reshape(shape)?,
+        mv.get(1)?.reshape(shape)?,
+    ))
+}
+
+/// decay * ema + (1 - decay) * theta in one pass.
+pub fn ema(ema: &Tensor, theta: &Tensor, decay: f32) -> Result<Tensor> {
+    let n = ema.elem_count();
+    launch_untracked("ema", &[ema, theta], Shape::from(n), &[u(n)], &[decay])?.reshape(ema.shape())
 }

@@ -154,6 +154,24 @@ impl AdamW {
             let Some(g) = grads.get(name) else {
                 continue;
             };
+            #[cfg(feature = "cuda")]
+            if crate::ops_cuda::applies_f32(&[var.as_tensor(), g, &self.m[name], &self.v[name]]) {
+                let step = crate::ops_cuda::AdamWStep {
+                    lr: lr as f32,
+                    b1: b1 as f32,
+                    b2: b2 as f32,
+                    eps: cfg.eps as f32,
+                    wd: cfg.weight_decay as f32,
+                    c1: c1 as f32,
+                    c2: c2 as f32,
+                };
+                let (theta, m, v) =
+                    crate::ops_cuda::adamw(var.as_tensor(), g, &self.m[name], &self.v[name], step)?;
+                var.set(&theta)?;
+                self.m.insert(name.clone(), m);
+                self.v.insert(name.clone(), v);
+                continue;
+            }
             let m = ((&self.m[name] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[name] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let step = ((&m / c1)? / ((&v / c2)?.sqrt()? + cfg.eps)?)?;
@@ -281,6 +299,12 @@ impl Trainer {
         // EMA: ema = d ema + (1 - d) theta.
         let d = self.cfg.ema_decay;
         for (name, var) in &self.params {
+            #[cfg(feature = "cuda")]
+            if crate::ops_cuda::applies_f32(&[&self.ema[name], var.as_tensor()]) {
+                let e = crate::ops_cuda::ema(&self.ema[name], var.as_tensor(), d as f32)?;
+                self.ema.insert(name.clone(), e);
+                continue;
+            }
             let e = ((&self.ema[name] * d)? + (var.as_tensor() * (1.0 - d))?)?;
             self.ema.insert(name.clone(), e.detach());
         }

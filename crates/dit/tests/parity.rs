@@ -531,3 +531,47 @@ fn cuda_kernels_match_candle_ops_and_their_gradients() {
         }
     }
 }
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_adamw_and_ema_kernels_follow_the_formulas() {
+    let dev = dev();
+    if dev.is_cpu() {
+        eprintln!("skipped: DIT_TEST_DEVICE is the CPU");
+        return;
+    }
+    use dit::ops_cuda::{adamw, ema, AdamWStep};
+    let r = || Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap();
+    let (theta, g, m, v) = (r(), r(), r(), r().sqr().unwrap());
+    let h = AdamWStep {
+        lr: 1e-2,
+        b1: 0.9,
+        b2: 0.999,
+        eps: 1e-8,
+        wd: 0.1,
+        c1: 1.0 - 0.9f32.powi(3),
+        c2: 1.0 - 0.999f32.powi(3),
+    };
+    let (t2, m2, v2) = adamw(&theta, &g, &m, &v, h).unwrap();
+    let e2 = ema(&theta, &g, 0.99).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (th, gv, mv, vv) = (flat(&theta), flat(&g), flat(&m), flat(&v));
+    let (t2, m2, v2, e2) = (flat(&t2), flat(&m2), flat(&v2), flat(&e2));
+    for i in 0..th.len() {
+        let mi = 0.9 * mv[i] + 0.1 * gv[i];
+        let vi = 0.999 * vv[i] + 0.001 * gv[i] * gv[i];
+        let ti = th[i] * (1.0 - h.lr * h.wd) - h.lr * (mi / h.c1) / ((vi / h.c2).sqrt() + h.eps);
+        let ei = 0.99 * th[i] + 0.01 * gv[i];
+        for (got, want, what) in [
+            (m2[i], mi, "m"),
+            (v2[i], vi, "v"),
+            (t2[i], ti, "theta"),
+            (e2[i], ei, "ema"),
+        ] {
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{what}[{i}]: {got} vs {want}"
+            );
+        }
+    }
+}

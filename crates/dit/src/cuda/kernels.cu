@@ -208,3 +208,29 @@ INSTANTIATE(scale_rows, P_SCALE, (y, gate, out, td, d, total))
 INSTANTIATE(permute_qkv, P_QKV, (src, out, n, t, h, hd, total, inverse, scale))
 #define P_HEADS(T) (const T *src, T *out, unsigned t, unsigned h, unsigned hd, unsigned total, unsigned inverse)
 INSTANTIATE(permute_heads, P_HEADS, (src, out, t, h, hd, total, inverse))
+
+// One AdamW step (torch.optim.AdamW) of an f32 parameter in two passes: the moments
+// mv (2, n) = [b1 m + (1 - b1) g, b2 v + (1 - b2) g^2], then the parameter from them, with
+// c1, c2 the bias corrections 1 - b1^t, 1 - b2^t.
+extern "C" __global__ void adamw_moments_f32(const float *g, const float *m, const float *v,
+                                             float *out, unsigned total, float b1, float b2) {
+    ELEMENTWISE
+    const float gi = g[i];
+    out[i] = b1 * m[i] + (1.f - b1) * gi;
+    out[total + i] = b2 * v[i] + (1.f - b2) * gi * gi;
+}
+
+extern "C" __global__ void adamw_theta_f32(const float *theta, const float *mv, float *out,
+                                           unsigned total, float lr, float c1, float c2,
+                                           float eps, float wd) {
+    ELEMENTWISE
+    const float step = (mv[i] / c1) / (sqrtf(mv[total + i] / c2) + eps);
+    out[i] = theta[i] * (1.f - lr * wd) - lr * step;
+}
+
+// The EMA of the weights: decay * ema + (1 - decay) * theta.
+extern "C" __global__ void ema_f32(const float *ema, const float *theta, float *out,
+                                   unsigned total, float decay) {
+    ELEMENTWISE
+    out[i] = decay * ema[i] + (1.f - decay) * theta[i];
+}
