@@ -29,6 +29,19 @@ a, b = (np.asarray(Image.open(f"{sys.argv[1]}/sample-{d}.png"), dtype=np.int16) 
 d = np.abs(a - b)
 print(f"embedded model, cuda vs cpu PNG: max |diff| {d.max()}, mean {d.mean():.4f}, pixels off {np.mean(d > 0):.2%}")
 PY
+if ID=$("$BIN/dit" nccl-id 2>/dev/null); then
+  echo "== NCCL: one worker through the all-reduce path against a plain run (same seed)"
+  run=(train --steps 30 --sample-every 0 --ckpt-every 30 --log-every 10)
+  "$BIN/dit" --device cuda "${run[@]}" --out /tmp/dp-plain > /tmp/dp-plain.txt 2>&1
+  DIT_WORLD_SIZE=1 DIT_RANK=0 DIT_NCCL_ID=$ID "$BIN/dit" "${run[@]}" --out /tmp/dp-nccl > /tmp/dp-nccl.txt 2>&1
+  tail -2 /tmp/dp-nccl.txt
+  python3 - <<'PY'
+import json
+a, b = ([json.loads(l)["loss"] for l in open(f"/tmp/dp-{k}/log.jsonl")] for k in ("plain", "nccl"))
+print("plain:", a); print("nccl: ", b); print("identical:", a == b)
+PY
+fi
+[ -n "${SKIP_BENCH:-}" ] && exit 0
 echo "== benchmark"
 PYTHONUNBUFFERED=1 python3 bench/gpu.py --exe "$BIN/dit" "$@" 2>&1
 if [ -n "${BASELINE:-}" ]; then

@@ -14,7 +14,7 @@
 #         cargo build --release --features cuda
 #         DIT_CUDA_LIBS=0 source tools/setup-cuda.sh   (compiler only: enough for check / clippy)
 set -eo pipefail
-VENV=${DIT_CUDA_VENV:-/opt/dit-cuda}
+VENV=${DIT_CUDA_VENV:-$HOME/.cache/dit-cuda}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 if [ ! -e "$VENV/nvcc-ok" ]; then
   "$VENV/bin/pip" install -q 'nvidia-cuda-nvcc==13.0.88' 'nvidia-nvvm==13.0.88' \
@@ -23,7 +23,7 @@ if [ ! -e "$VENV/nvcc-ok" ]; then
 fi
 if [ "${DIT_CUDA_LIBS:-1}" != 0 ] && [ ! -e "$VENV/libs-ok" ]; then
   "$VENV/bin/pip" install -q 'nvidia-cublas==13.1.0.3' 'nvidia-curand==10.4.0.35' \
-    'nvidia-cuda-nvrtc==13.0.88' 'nvidia-nccl-cu13==2.28.3'
+    'nvidia-cuda-nvrtc==13.0.88' 'nvidia-nccl-cu13==2.30.7'
   touch "$VENV/libs-ok"
 fi
 SITE=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')

@@ -118,6 +118,10 @@ pub struct TrainArgs {
     /// Write a grid of EMA samples (two per class) to OUT/samples/ every N steps (0: never).
     #[arg(long, default_value_t = 1000)]
     sample_every: usize,
+    /// Data-parallel training on this many GPUs of this machine (one process each, NCCL; needs
+    /// a `--features cuda,nccl` build). The global batch is split evenly over them.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
 }
 
 pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
@@ -125,6 +129,17 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
     if a.global_batch_size == 0 || a.steps == 0 || micro == 0 {
         bail!("--steps, --global-batch-size and --micro-batch-size must be at least 1");
     }
+    if a.gpus > 1 && dit::distributed::WorkerEnv::from_env()?.is_none() {
+        return crate::launch::launch(a.gpus);
+    }
+    let (device, worker, reducer) = crate::launch::worker(dev)?;
+    let dev = &device;
+    let rows = match &worker {
+        Some(w) => dit::distributed::shard(a.global_batch_size, w.rank, w.world_size)?,
+        None => 0..a.global_batch_size,
+    };
+    // Rank 0 (or a single process) writes the log, checkpoints and sample grids.
+    let leader = worker.as_ref().is_none_or(|w| w.rank == 0);
     let data = training_set(&a, dev)?;
     let (channels, size) = data.input()?;
     let cfg = TrainConfig {
@@ -158,6 +173,26 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let log_path = a.out.join("log.jsonl");
+    if !leader {
+        while tr.opt.step < a.steps {
+            let idx = batch_indices(data.len(), a.seed, pos, a.global_batch_size);
+            let mine = &idx[rows.clone()];
+            let (x, labels) = data.batch(mine, a.flip, a.seed, pos + rows.start, dev)?;
+            let loss = tr.step_sharded(
+                &x,
+                &labels,
+                rows.clone(),
+                a.global_batch_size,
+                micro,
+                reducer.as_ref(),
+            )?;
+            pos += a.global_batch_size;
+            if !loss.is_finite() {
+                bail!("loss became {loss} at step {}", tr.opt.step);
+            }
+        }
+        return Ok(());
+    }
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -172,8 +207,16 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
     let n = data.len();
     while tr.opt.step < a.steps {
         let idx = batch_indices(n, a.seed, pos, a.global_batch_size);
-        let (x, labels) = data.batch(&idx, a.flip, a.seed, pos, dev)?;
-        let loss = tr.step_accumulated(&x, &labels, micro)?;
+        let mine = &idx[rows.clone()];
+        let (x, labels) = data.batch(mine, a.flip, a.seed, pos + rows.start, dev)?;
+        let loss = tr.step_sharded(
+            &x,
+            &labels,
+            rows.clone(),
+            a.global_batch_size,
+            micro,
+            reducer.as_ref(),
+        )?;
         pos += a.global_batch_size;
         if !loss.is_finite() {
             bail!(

@@ -14,6 +14,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod diffusion;
+pub mod distributed;
 pub mod eval;
 pub mod gemm_bf16;
 pub mod image_io;

@@ -135,6 +135,10 @@ impl candle_core::CustomOp2 for GeluTanhGrad {
 /// GELU with the tanh approximation (timm's `GELU(approximate="tanh")`). Multi-threaded on the
 /// CPU for f32 / bf16; candle's own op elsewhere.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::ops_cuda::applies(&[x]) {
+        return crate::ops_cuda::gelu_tanh(x);
+    }
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16) {
         x.contiguous()?.apply_op1(GeluTanh)
     } else {

@@ -490,6 +490,17 @@ fn cuda_kernels_match_candle_ops_and_their_gradients() {
             }),
         ),
         (
+            "gelu_tanh",
+            vec![&h],
+            Box::new(|fused| {
+                if fused {
+                    ops::gelu_tanh(&h).unwrap()
+                } else {
+                    h.gelu().unwrap()
+                }
+            }),
+        ),
+        (
             "linear",
             vec![&x2, &w, &b],
             Box::new(|fused| {

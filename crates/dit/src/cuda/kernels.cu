@@ -153,6 +153,28 @@ __device__ void scale_rows(const T *y, const T *gate, T *out, unsigned td, unsig
     st(out, i, ld(gate, (i / td) * d + i % d) * ld(y, i));
 }
 
+// GELU, tanh approximation (timm's approximate="tanh"), and its derivative times g.
+__device__ __forceinline__ float gelu_inner(float x) {
+    return 0.7978845608028654f * (x + 0.044715f * x * x * x);
+}
+
+template <typename T>
+__device__ void gelu_fwd(const T *x, T *out, unsigned total) {
+    ELEMENTWISE
+    const float v = ld(x, i);
+    st(out, i, 0.5f * v * (1.f + tanhf(gelu_inner(v))));
+}
+
+template <typename T>
+__device__ void gelu_bwd(const T *x, const T *g, T *out, unsigned total) {
+    ELEMENTWISE
+    const float v = ld(x, i);
+    const float th = tanhf(gelu_inner(v));
+    const float d = 0.5f * (1.f + th) +
+                    0.5f * v * (1.f - th * th) * 0.7978845608028654f * (1.f + 3.f * 0.044715f * v * v);
+    st(out, i, ld(g, i) * d);
+}
+
 // qkv (N, T, 3, H, hd) -> (3, N, H, T, hd), q multiplied by `scale`; or back (`inverse`, the
 // gradient, where the q part is multiplied by `scale` too). One thread per element of qkv.
 template <typename T>
@@ -204,6 +226,10 @@ INSTANTIATE(bias_add, P_BIAS, (y, b, out, cols, total))
 INSTANTIATE(gated_res, P_GATED, (h, gate, y, out, td, d, total))
 #define P_SCALE(T) (const T *y, const T *gate, T *out, unsigned td, unsigned d, unsigned total)
 INSTANTIATE(scale_rows, P_SCALE, (y, gate, out, td, d, total))
+#define P_GELU(T) (const T *x, T *out, unsigned total)
+INSTANTIATE(gelu_fwd, P_GELU, (x, out, total))
+#define P_GELU_BWD(T) (const T *x, const T *g, T *out, unsigned total)
+INSTANTIATE(gelu_bwd, P_GELU_BWD, (x, g, out, total))
 #define P_QKV(T) (const T *src, T *out, unsigned n, unsigned t, unsigned h, unsigned hd, unsigned total, unsigned inverse, float scale)
 INSTANTIATE(permute_qkv, P_QKV, (src, out, n, t, h, hd, total, inverse, scale))
 #define P_HEADS(T) (const T *src, T *out, unsigned t, unsigned h, unsigned hd, unsigned total, unsigned inverse)
