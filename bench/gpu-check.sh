@@ -29,12 +29,14 @@ a, b = (np.asarray(Image.open(f"{sys.argv[1]}/sample-{d}.png"), dtype=np.int16) 
 d = np.abs(a - b)
 print(f"embedded model, cuda vs cpu PNG: max |diff| {d.max()}, mean {d.mean():.4f}, pixels off {np.mean(d > 0):.2%}")
 PY
-if ID=$("$BIN/dit" nccl-id 2>/dev/null); then
+if [ -n "${NCCL_SMOKE:-}" ]; then
   echo "== NCCL: one worker through the all-reduce path against a plain run (same seed)"
   run=(train --steps 30 --sample-every 0 --ckpt-every 30 --log-every 10)
   "$BIN/dit" --device cuda "${run[@]}" --out /tmp/dp-plain > /tmp/dp-plain.txt 2>&1
-  DIT_WORLD_SIZE=1 DIT_RANK=0 DIT_NCCL_ID=$ID "$BIN/dit" "${run[@]}" --out /tmp/dp-nccl > /tmp/dp-nccl.txt 2>&1
-  tail -2 /tmp/dp-nccl.txt
+  rm -f /tmp/dp-id
+  NCCL_DEBUG=WARN DIT_WORLD_SIZE=1 DIT_RANK=0 DIT_NCCL_ID_FILE=/tmp/dp-id \
+    "$BIN/dit" "${run[@]}" --out /tmp/dp-nccl > /tmp/dp-nccl.txt 2>&1
+  tail -5 /tmp/dp-nccl.txt
   python3 - <<'PY'
 import json
 a, b = ([json.loads(l)["loss"] for l in open(f"/tmp/dp-{k}/log.jsonl")] for k in ("plain", "nccl"))

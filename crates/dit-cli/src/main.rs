@@ -69,9 +69,6 @@ enum Command {
     },
     /// Encode an image folder with the VAE into a latent store for training.
     ExtractLatents(extract::ExtractArgs),
-    /// Print a fresh NCCL id (hex) for a data-parallel run over several machines: give it to
-    /// every worker as DIT_NCCL_ID (needs a `--features cuda,nccl` build).
-    NcclId,
     /// Render the loss curve of a `dit train` log (log.jsonl) to a PNG.
     PlotLoss {
         log: std::path::PathBuf,
@@ -118,7 +115,6 @@ fn run(command: Command, device: &candle_core::Device) -> anyhow::Result<()> {
             all,
             image_size,
         } => flops(&model, all, image_size),
-        Command::NcclId => nccl_id(),
         Command::PlotLoss { log, out } => train::plot_loss(&log, &out).map(|()| {
             println!("wrote {}", out.display());
         }),
@@ -185,14 +181,4 @@ fn keep_freed_memory() {
         // SAFETY: sets a process-wide allocator option; no preconditions.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
-}
-
-fn nccl_id() -> anyhow::Result<()> {
-    #[cfg(feature = "nccl")]
-    {
-        println!("{}", dit::distributed::new_unique_id()?);
-        Ok(())
-    }
-    #[cfg(not(feature = "nccl"))]
-    anyhow::bail!("this build has no NCCL: rebuild with `--features cuda,nccl`")
 }

@@ -13,8 +13,12 @@
 //! | `DIT_WORLD_SIZE` | number of workers in all |
 //! | `DIT_RANK` | this worker's index, 0-based (rank 0 writes checkpoints and logs) |
 //! | `DIT_LOCAL_RANK` | the GPU of this worker on its machine (default: `DIT_RANK`) |
-//! | `DIT_NCCL_ID` | NCCL's unique id as hex (from `dit nccl-id`), the same for all workers |
-//! | `DIT_NCCL_ID_FILE` | or: a file on a shared file system; rank 0 writes it, the others wait for it |
+//! | `DIT_NCCL_ID_FILE` | a file on a file system all workers share: rank 0 writes NCCL's id there, the others wait for it |
+//! | `DIT_NCCL_ID` | the id as hex, set by `dit train --gpus N` for its workers |
+//!
+//! NCCL's id names a bootstrap service that lives in the process that made the id, so that
+//! process must outlive the workers' start: the launcher makes it and waits for its workers;
+//! across machines rank 0 makes it itself.
 
 use candle_core::Tensor;
 
@@ -126,11 +130,15 @@ mod nccl {
     use super::{id_from_hex, id_to_hex, GradientReducer, WorkerEnv};
     use crate::{Error, Result};
 
-    fn nccl_err(e: impl std::fmt::Debug) -> Error {
-        Error::Input(format!("NCCL: {e:?}"))
+    fn nccl_err(e: result::NcclError) -> Error {
+        Error::Input(format!(
+            "NCCL failed: {:?} (NCCL_DEBUG=WARN prints NCCL's own account)",
+            e.0
+        ))
     }
 
-    /// A fresh NCCL unique id, as hex for `DIT_NCCL_ID`.
+    /// A fresh NCCL unique id, as hex for `DIT_NCCL_ID`. The calling process hosts the id's
+    /// bootstrap service: it must live until every worker has joined.
     pub fn new_unique_id() -> Result<String> {
         let id = Id::new().map_err(nccl_err)?;
         Ok(id_to_hex(&id.internal().map(|c| c as u8)))
@@ -159,7 +167,7 @@ mod nccl {
                 (Err(_), Some(file)) => id_via_file(std::path::Path::new(&file), env.rank)?,
                 _ => {
                     return Err(Error::Input(
-                        "set DIT_NCCL_ID (from `dit nccl-id`) or DIT_NCCL_ID_FILE".into(),
+                        "a worker needs DIT_NCCL_ID_FILE (or DIT_NCCL_ID from the launcher)".into(),
                     ))
                 }
             };
