@@ -791,3 +791,32 @@ fn a_v_prediction_cosine_model_trains_and_samples_as_trained() {
         p(&png),
     ]));
 }
+
+#[test]
+fn gpu_requests_in_a_cpu_build_are_clear_errors() {
+    // This suite builds without the cuda / nccl features.
+    fails_with(&dit(&["--device", "cuda:0", "sample"]), "--features cuda");
+    fails_with(
+        &dit(&["--device", "tpu", "sample"]),
+        "expected cpu, cuda or cuda:N",
+    );
+    let out = tempfile::tempdir().unwrap();
+    let run = [
+        "train",
+        "--steps",
+        "1",
+        "--gpus",
+        "2",
+        "--out",
+        p(out.path()),
+    ];
+    fails_with(&dit(&run), "--features cuda,nccl");
+    // A worker of a data-parallel run needs its place in the run and a GPU build.
+    let worker = Command::new(env!("CARGO_BIN_EXE_dit"))
+        .args(["train", "--steps", "1", "--out", p(out.path())])
+        .env("DIT_WORLD_SIZE", "2")
+        .env("DIT_RANK", "5")
+        .output()
+        .unwrap();
+    fails_with(&worker, "DIT_RANK 5 is not below DIT_WORLD_SIZE 2");
+}
