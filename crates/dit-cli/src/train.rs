@@ -173,35 +173,19 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let log_path = a.out.join("log.jsonl");
-    if !leader {
-        while tr.opt.step < a.steps {
-            let idx = batch_indices(data.len(), a.seed, pos, a.global_batch_size);
-            let mine = &idx[rows.clone()];
-            let (x, labels) = data.batch(mine, a.flip, a.seed, pos + rows.start, dev)?;
-            let loss = tr.step_sharded(
-                &x,
-                &labels,
-                rows.clone(),
-                a.global_batch_size,
-                micro,
-                reducer.as_ref(),
-            )?;
-            pos += a.global_batch_size;
-            if !loss.is_finite() {
-                bail!("loss became {loss} at step {}", tr.opt.step);
-            }
-        }
-        return Ok(());
-    }
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let start_step = tr.opt.step;
-    let bar = ProgressBar::new(a.steps as u64).with_style(ProgressStyle::with_template(
-        "training [{bar:40}] {pos}/{len} steps {elapsed_precise} eta {eta} {msg}",
-    )?);
+    let bar = if leader {
+        ProgressBar::new(a.steps as u64).with_style(ProgressStyle::with_template(
+            "training [{bar:40}] {pos}/{len} steps {elapsed_precise} eta {eta} {msg}",
+        )?)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_position(start_step.min(a.steps) as u64);
     let (mut window_loss, mut window_start, mut last_ckpt) = (0f64, Instant::now(), None);
     let n = data.len();
@@ -228,6 +212,9 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
                         .display()
                         .to_string())
             );
+        }
+        if !leader {
+            continue;
         }
         window_loss += loss as f64;
         let step = tr.opt.step;
@@ -260,7 +247,7 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
         }
     }
     bar.finish();
-    if let Some(p) = &last_ckpt {
+    if let (true, Some(p)) = (leader, &last_ckpt) {
         println!(
             "wrote {} (sample with: dit sample --ckpt {})",
             p.display(),

@@ -8,10 +8,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::op::BackpropOp;
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
-    Shape, Storage, Tensor,
+    Shape, Tensor,
 };
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dit_kernels.ptx"));
@@ -136,8 +135,143 @@ fn u(n: usize) -> u32 {
     n as u32
 }
 
+/// One launch of a kernel of kernels.cu, its parameters fixed by the caller (who knows the
+/// shapes): applied as a custom op to 1, 2 or 3 tensors, the kernel's inputs in that order.
+#[derive(Clone)]
+struct Kernel {
+    name: &'static str,
+    shape: Shape,
+    ints: Vec<u32>,
+    floats: Vec<f32>,
+    grid: Grid,
+}
+
+impl Kernel {
+    fn new(name: &'static str, shape: impl Into<Shape>, ints: &[usize], grid: Grid) -> Self {
+        Self {
+            name,
+            shape: shape.into(),
+            ints: ints.iter().map(|&i| u(i)).collect(),
+            floats: Vec::new(),
+            grid,
+        }
+    }
+
+    fn floats(mut self, floats: &[f32]) -> Self {
+        self.floats = floats.to_vec();
+        self
+    }
+
+    fn run(&self, inputs: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
+        launch(
+            self.name,
+            inputs,
+            self.shape.clone(),
+            &self.ints,
+            &self.floats,
+            self.grid,
+        )
+    }
+
+    /// What `cuda_forward!` runs (for an `Op`, its forward kernel).
+    fn kernel(&self) -> &Kernel {
+        self
+    }
+
+    /// An element-wise kernel over `x`'s elements, writing x's shape.
+    fn elementwise(name: &'static str, x: &Tensor, ints: &[usize]) -> Self {
+        let mut all = ints.to_vec();
+        all.push(x.elem_count());
+        Self::new(
+            name,
+            x.shape().clone(),
+            &all,
+            Grid::Elements(x.elem_count()),
+        )
+    }
+}
+
 fn cpu_unsupported(name: &str) -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("{name} is a CUDA kernel (ops routes CPU tensors elsewhere)")
+}
+
+/// The CPU side of a CUDA-only custom op of `$n` inputs, and its CUDA forward: `self.kernel`.
+macro_rules! cuda_forward {
+    (1) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported(self.kernel().name)
+        }
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            self.kernel().run(&[(s, l)])
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported(self.kernel().name)
+        }
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.kernel().run(&[(s1, l1), (s2, l2)])
+        }
+    };
+    (3) => {
+        #[allow(clippy::too_many_arguments)]
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported(self.kernel().name)
+        }
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.kernel().run(&[(s1, l1), (s2, l2), (s3, l3)])
+        }
+    };
+}
+
+// A kernel outside autograd (the backward passes' own kernels, the optimiser).
+impl CustomOp1 for Kernel {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    cuda_forward!(1);
+}
+
+impl CustomOp2 for Kernel {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    cuda_forward!(2);
+}
+
+impl CustomOp3 for Kernel {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    cuda_forward!(3);
 }
 
 /// Sum over the tokens of (N, T, D) -> (N, D), as a batched product with a row of ones.
@@ -147,44 +281,27 @@ fn sum_tokens(x: &Tensor) -> Result<Tensor> {
     ones.matmul(&x.contiguous()?)?.squeeze(1)
 }
 
+/// A differentiable op: its forward kernel and what its backward pass needs.
+struct Op<B> {
+    kernel: Kernel,
+    backward: B,
+}
+
+impl<B> Op<B> {
+    fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+}
+
 // ------------------------------------------------------------------ LayerNorm + modulation
 
-struct ModLn;
+struct ModLnBackward;
 
-impl CustomOp3 for ModLn {
+impl CustomOp3 for Op<ModLnBackward> {
     fn name(&self) -> &'static str {
         "dit-modln"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        shift: &CudaStorage,
-        ls: &Layout,
-        scale: &CudaStorage,
-        lc: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (n, t, d) = lx.shape().dims3()?;
-        launch(
-            "modln_fwd",
-            &[(x, lx), (shift, ls), (scale, lc)],
-            lx.shape().clone(),
-            &[u(n * t), u(t), u(d)],
-            &[EPS],
-            Grid::Rows(n * t),
-        )
-    }
+    cuda_forward!(3);
     fn bwd(
         &self,
         x: &Tensor,
@@ -193,8 +310,12 @@ impl CustomOp3 for ModLn {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // dx, and grad * xhat (summed over the tokens into dscale), in one pass.
         let grad = grad.contiguous()?;
-        let packed = x.apply_op3_no_bwd(scale, &grad, &ModLnBwd)?;
+        let (n, t, d) = x.dims3()?;
+        let bwd = Kernel::new("modln_bwd", (2, n, t, d), &[n * t, t, d], Grid::Rows(n * t))
+            .floats(&[EPS]);
+        let packed = x.apply_op3_no_bwd(scale, &grad, &bwd)?;
         Ok((
             Some(packed.get(0)?),
             Some(sum_tokens(&grad)?),
@@ -203,90 +324,32 @@ impl CustomOp3 for ModLn {
     }
 }
 
-/// (x, scale, grad) -> (2, N, T, D): dx, and grad * xhat (for dscale).
-struct ModLnBwd;
-
-impl CustomOp3 for ModLnBwd {
-    fn name(&self) -> &'static str {
-        "dit-modln-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        scale: &CudaStorage,
-        ls: &Layout,
-        g: &CudaStorage,
-        lg: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (n, t, d) = lx.shape().dims3()?;
-        launch(
-            "modln_bwd",
-            &[(x, lx), (scale, ls), (g, lg)],
-            Shape::from((2, n, t, d)),
-            &[u(n * t), u(t), u(d)],
-            &[EPS],
-            Grid::Rows(n * t),
-        )
-    }
-}
-
 /// LayerNorm (eps 1e-6, no affine) of x (N, T, D), then x (1 + scale) + shift, (N, D) each.
 pub fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let (n, t, d) = x.dims3()?;
+    let op = Op {
+        kernel: Kernel::new(
+            "modln_fwd",
+            x.shape().clone(),
+            &[n * t, t, d],
+            Grid::Rows(n * t),
+        )
+        .floats(&[EPS]),
+        backward: ModLnBackward,
+    };
     x.contiguous()?
-        .apply_op3(&shift.contiguous()?, &scale.contiguous()?, ModLn)
+        .apply_op3(&shift.contiguous()?, &scale.contiguous()?, op)
 }
 
 // ------------------------------------------------------------------ gated residual
 
-struct GatedResidual;
+struct GatedBackward;
 
-impl CustomOp3 for GatedResidual {
+impl CustomOp3 for Op<GatedBackward> {
     fn name(&self) -> &'static str {
         "dit-gated-residual"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        gate: &CudaStorage,
-        lg: &Layout,
-        h: &CudaStorage,
-        lh: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (_, t, d) = lx.shape().dims3()?;
-        let total = lx.shape().elem_count();
-        launch(
-            "gated_res",
-            &[(x, lx), (gate, lg), (h, lh)],
-            lx.shape().clone(),
-            &[u(t * d), u(d), u(total)],
-            &[],
-            Grid::Elements(total),
-        )
-    }
+    cuda_forward!(3);
     fn bwd(
         &self,
         _x: &Tensor,
@@ -296,90 +359,36 @@ impl CustomOp3 for GatedResidual {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        let (_, t, d) = grad.dims3()?;
+        let scale_rows = Kernel::elementwise("scale_rows", &grad, &[t * d, d]);
         Ok((
             Some(grad.clone()),
             Some(sum_tokens(&(&grad * h)?)?),
-            Some(grad.apply_op2_no_bwd(gate, &ScaleRows)?),
+            Some(grad.apply_op2_no_bwd(gate, &scale_rows)?),
         ))
-    }
-}
-
-/// y * gate[n] for y (N, T, D), gate (N, D).
-struct ScaleRows;
-
-impl CustomOp2 for ScaleRows {
-    fn name(&self) -> &'static str {
-        "dit-scale-rows"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        y: &CudaStorage,
-        ly: &Layout,
-        gate: &CudaStorage,
-        lg: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (_, t, d) = ly.shape().dims3()?;
-        let total = ly.shape().elem_count();
-        launch(
-            "scale_rows",
-            &[(y, ly), (gate, lg)],
-            ly.shape().clone(),
-            &[u(t * d), u(d), u(total)],
-            &[],
-            Grid::Elements(total),
-        )
     }
 }
 
 /// x + gate * h with x, h (N, T, D), gate (N, D).
 pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> Result<Tensor> {
+    let (_, t, d) = x.dims3()?;
+    let op = Op {
+        kernel: Kernel::elementwise("gated_res", x, &[t * d, d]),
+        backward: GatedBackward,
+    };
     x.contiguous()?
-        .apply_op3(&gate.contiguous()?, &h.contiguous()?, GatedResidual)
+        .apply_op3(&gate.contiguous()?, &h.contiguous()?, op)
 }
 
 // ------------------------------------------------------------------ linear layers
 
-struct BiasAdd;
+struct BiasBackward;
 
-impl CustomOp2 for BiasAdd {
+impl CustomOp2 for Op<BiasBackward> {
     fn name(&self) -> &'static str {
         "dit-bias-add"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        y: &CudaStorage,
-        ly: &Layout,
-        b: &CudaStorage,
-        lb: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let total = ly.shape().elem_count();
-        launch(
-            "bias_add",
-            &[(y, ly), (b, lb)],
-            ly.shape().clone(),
-            &[u(lb.shape().elem_count()), u(total)],
-            &[],
-            Grid::Elements(total),
-        )
-    }
+    cuda_forward!(2);
     fn bwd(
         &self,
         y: &Tensor,
@@ -396,291 +405,147 @@ impl CustomOp2 for BiasAdd {
 
 /// x W^T + b for x (M, K), W (N, K), b (N): a cuBLAS product, then the bias in one pass.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    x.matmul(&w.t()?)?.apply_op2(&b.contiguous()?, BiasAdd)
+    let y = x.matmul(&w.t()?)?;
+    let op = Op {
+        kernel: Kernel::elementwise("bias_add", &y, &[b.elem_count()]),
+        backward: BiasBackward,
+    };
+    y.apply_op2(&b.contiguous()?, op)
 }
 
 // ------------------------------------------------------------------ GELU
 
-struct Gelu;
+struct GeluBackward;
 
-impl CustomOp1 for Gelu {
+impl CustomOp1 for Op<GeluBackward> {
     fn name(&self) -> &'static str {
         "dit-gelu-tanh"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let total = l.shape().elem_count();
-        launch(
-            "gelu_fwd",
-            &[(s, l)],
-            l.shape().clone(),
-            &[u(total)],
-            &[],
-            Grid::Elements(total),
-        )
-    }
+    cuda_forward!(1);
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?))
-    }
-}
-
-/// g * GELU'(x) in one pass (candle's own GELU backward takes about ten).
-struct GeluBwd;
-
-impl CustomOp2 for GeluBwd {
-    fn name(&self) -> &'static str {
-        "dit-gelu-tanh-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        g: &CudaStorage,
-        lg: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let total = lx.shape().elem_count();
-        launch(
-            "gelu_bwd",
-            &[(x, lx), (g, lg)],
-            lx.shape().clone(),
-            &[u(total)],
-            &[],
-            Grid::Elements(total),
-        )
+        // g * GELU'(x) in one pass (candle's own GELU backward takes about ten).
+        let bwd = Kernel::elementwise("gelu_bwd", arg, &[]);
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &bwd)?))
     }
 }
 
 /// GELU with the tanh approximation.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu)
+    let op = Op {
+        kernel: Kernel::elementwise("gelu_fwd", x, &[]),
+        backward: GeluBackward,
+    };
+    x.contiguous()?.apply_op1(op)
 }
 
 // ------------------------------------------------------------------ attention
 
-/// qkv (N, T, 3 D) -> (3, N, H, T, hd) with q scaled by 1 / sqrt(hd); backward: the inverse.
-struct SplitHeads {
-    heads: usize,
-    scale: f32,
-}
-
-impl CustomOp1 for SplitHeads {
-    fn name(&self) -> &'static str {
-        "dit-split-qkv"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (n, t, d3) = l.shape().dims3()?;
-        let hd = d3 / 3 / self.heads;
-        launch(
-            "permute_qkv",
-            &[(s, l)],
-            Shape::from((3, n, self.heads, t, hd)),
-            &[u(n), u(t), u(self.heads), u(hd), u(n * t * d3), 0],
-            &[self.scale],
-            Grid::Elements(n * t * d3),
-        )
-    }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let merge = MergeQkvGrad { scale: self.scale };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&merge)?))
-    }
-}
-
-struct MergeQkvGrad {
-    scale: f32,
-}
-
-impl CustomOp1 for MergeQkvGrad {
-    fn name(&self) -> &'static str {
-        "dit-merge-qkv-grad"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (_, n, h, t, hd) = l.shape().dims5()?;
-        let total = l.shape().elem_count();
-        launch(
-            "permute_qkv",
-            &[(s, l)],
-            Shape::from((n, t, 3 * h * hd)),
-            &[u(n), u(t), u(h), u(hd), u(total), 1],
-            &[self.scale],
-            Grid::Elements(total),
-        )
-    }
-}
-
-/// o (N, H, T, hd) -> (N, T, H hd) (`inverse`: back).
+/// The head layouts of attention: qkv (N, T, 3, H, hd) <-> (3, N, H, T, hd) with q scaled by
+/// `scale` (its gradient too), and o (N, H, T, hd) <-> (N, T, H hd). The kernel of each
+/// direction is one permutation pass; `inverse` selects the way back.
 #[derive(Clone, Copy)]
-struct PermuteHeads {
-    heads: usize,
-    tokens: usize,
-    inverse: bool,
+struct Heads {
+    n: usize,
+    t: usize,
+    h: usize,
+    hd: usize,
+    /// Some(scale): the qkv split; None: the output merge.
+    qkv_scale: Option<f32>,
 }
 
-impl CustomOp1 for PermuteHeads {
+impl Heads {
+    fn kernel(&self, inverse: bool) -> Kernel {
+        let Self { n, t, h, hd, .. } = *self;
+        match self.qkv_scale {
+            Some(scale) => {
+                let total = 3 * n * t * h * hd;
+                let shape: Shape = if inverse {
+                    (n, t, 3 * h * hd).into()
+                } else {
+                    (3, n, h, t, hd).into()
+                };
+                let ints = [n, t, h, hd, total, inverse as usize];
+                Kernel::new("permute_qkv", shape, &ints, Grid::Elements(total)).floats(&[scale])
+            }
+            None => {
+                let total = n * t * h * hd;
+                let shape: Shape = if inverse {
+                    (n, h, t, hd).into()
+                } else {
+                    (n, t, h * hd).into()
+                };
+                let ints = [t, h, hd, total, inverse as usize];
+                Kernel::new("permute_heads", shape, &ints, Grid::Elements(total))
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Op<Heads> {
     fn name(&self) -> &'static str {
-        "dit-permute-heads"
+        "dit-attention-heads"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let total = l.shape().elem_count();
-        let (h, t) = (self.heads, self.tokens);
-        let n = l.dims()[0];
-        let hd = total / (n * h * t);
-        let shape = if self.inverse {
-            Shape::from((n, h, t, hd))
-        } else {
-            Shape::from((n, t, h * hd))
-        };
-        launch(
-            "permute_heads",
-            &[(s, l)],
-            shape,
-            &[u(t), u(h), u(hd), u(total), self.inverse as u32],
-            &[],
-            Grid::Elements(total),
-        )
-    }
+    cuda_forward!(1);
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let back = PermuteHeads {
-            inverse: !self.inverse,
-            ..*self
-        };
-        Ok(Some(grad.contiguous()?.apply_op1(back)?))
+        let back = self.backward.kernel(true);
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
     }
 }
 
-/// Softmax over the last dimension; backward from the output.
-struct Softmax;
+struct SoftmaxBackward;
 
-impl CustomOp1 for Softmax {
+impl CustomOp1 for Op<SoftmaxBackward> {
     fn name(&self) -> &'static str {
         "dit-softmax"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let cols = *l.dims().last().unwrap_or(&1);
-        let rows = l.shape().elem_count() / cols.max(1);
-        launch(
-            "softmax_fwd",
-            &[(s, l)],
-            l.shape().clone(),
-            &[u(rows), u(cols)],
-            &[],
-            Grid::Rows(rows),
-        )
-    }
+    cuda_forward!(1);
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?,
-        ))
-    }
-}
-
-struct SoftmaxBwd;
-
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "dit-softmax-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
-    }
-    fn cuda_fwd(
-        &self,
-        p: &CudaStorage,
-        lp: &Layout,
-        g: &CudaStorage,
-        lg: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let cols = *lp.dims().last().unwrap_or(&1);
-        let rows = lp.shape().elem_count() / cols.max(1);
-        launch(
-            "softmax_bwd",
-            &[(p, lp), (g, lg)],
-            lp.shape().clone(),
-            &[u(rows), u(cols)],
-            &[],
-            Grid::Rows(rows),
-        )
+        // From the output p: dx = p (g - sum(g p)), per row.
+        let mut bwd = self.kernel.clone();
+        bwd.name = "softmax_bwd";
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &bwd)?))
     }
 }
 
 /// softmax(q k^T / sqrt(hd)) v per head from a fused qkv projection (N, T, 3 D) -> (N, T, D):
 /// the head split and merge are single permutation passes, the products cuBLAS batched GEMMs.
 pub fn self_attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
-    let (_, t, d3) = qkv.dims3()?;
+    let (n, t, d3) = qkv.dims3()?;
     let hd = d3 / 3 / heads;
-    let split = SplitHeads {
-        heads,
-        scale: (hd as f32).powf(-0.5),
+    let split = Heads {
+        n,
+        t,
+        h: heads,
+        hd,
+        qkv_scale: Some((hd as f32).powf(-0.5)),
     };
-    let qkv = qkv.contiguous()?.apply_op1(split)?;
+    let qkv = qkv.contiguous()?.apply_op1(Op {
+        kernel: split.kernel(false),
+        backward: split,
+    })?;
     let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-    let p = q.matmul(&k.t()?)?.apply_op1(Softmax)?;
-    p.matmul(&v)?.apply_op1(PermuteHeads {
-        heads,
-        tokens: t,
-        inverse: false,
+    let logits = q.matmul(&k.t()?)?;
+    let rows = n * heads * t;
+    let p = logits.apply_op1(Op {
+        kernel: Kernel::new(
+            "softmax_fwd",
+            logits.shape().clone(),
+            &[rows, t],
+            Grid::Rows(rows),
+        ),
+        backward: SoftmaxBackward,
+    })?;
+    let merge = Heads {
+        qkv_scale: None,
+        ..split
+    };
+    p.matmul(&v)?.apply_op1(Op {
+        kernel: merge.kernel(false),
+        backward: merge,
     })
 }
 
 // ------------------------------------------------------------------ optimiser
-
-/// Runs `kernel` on tensors outside autograd (optimiser state), giving an untracked tensor.
-fn launch_untracked(
-    kernel: &str,
-    inputs: &[&Tensor],
-    shape: Shape,
-    ints: &[u32],
-    floats: &[f32],
-) -> Result<Tensor> {
-    let inputs = inputs
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<Result<Vec<_>>>()?;
-    let guards: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
-    let pairs = guards
-        .iter()
-        .map(|(s, l)| match &**s {
-            Storage::Cuda(c) => Ok((c, *l)),
-            _ => candle_core::bail!("{kernel}: not a CUDA tensor"),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let n = shape.elem_count();
-    let (storage, shape) = launch(kernel, &pairs, shape, ints, floats, Grid::Elements(n))?;
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        shape,
-        BackpropOp::none(),
-        false,
-    ))
-}
 
 /// Whether the optimiser kernels take these tensors (CUDA, f32).
 pub fn applies_f32(ts: &[&Tensor]) -> bool {
@@ -709,20 +574,13 @@ pub fn adamw(
     h: AdamWStep,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let n = theta.elem_count();
-    let mv = launch_untracked(
-        "adamw_moments",
-        &[g, m, v],
-        Shape::from((2, n)),
-        &[u(n)],
-        &[h.b1, h.b2],
-    )?;
-    let theta2 = launch_untracked(
-        "adamw_theta",
-        &[theta, &mv],
-        Shape::from(n),
-        &[u(n)],
-        &[h.lr, h.c1, h.c2, h.eps, h.wd],
-    )?;
+    let flat = |t: &Tensor| t.flatten_all()?.contiguous();
+    let moments =
+        Kernel::new("adamw_moments", (2, n), &[n], Grid::Elements(n)).floats(&[h.b1, h.b2]);
+    let mv = flat(g)?.apply_op3_no_bwd(&flat(m)?, &flat(v)?, &moments)?;
+    let update = Kernel::new("adamw_theta", n, &[n], Grid::Elements(n))
+        .floats(&[h.lr, h.c1, h.c2, h.eps, h.wd]);
+    let theta2 = flat(theta)?.apply_op2_no_bwd(&mv, &update)?;
     let shape = theta.shape();
     Ok((
         theta2.reshape(shape)?,
@@ -733,6 +591,7 @@ pub fn adamw(
 
 /// decay * ema + (1 - decay) * theta in one pass.
 pub fn ema(ema: &Tensor, theta: &Tensor, decay: f32) -> Result<Tensor> {
-    let n = ema.elem_count();
-    launch_untracked("ema", &[ema, theta], Shape::from(n), &[u(n)], &[decay])?.reshape(ema.shape())
+    let kernel = Kernel::elementwise("ema", ema, &[]).floats(&[decay]);
+    ema.contiguous()?
+        .apply_op2_no_bwd(&theta.contiguous()?, &kernel)
 }

@@ -41,6 +41,21 @@ __device__ __forceinline__ float warp_max(float v) {
     const unsigned row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); \
     if (row >= rows) return;
 
+// Mean and 1 / sqrt(variance + eps) of a row of d values (two passes: no cancellation).
+template <typename T>
+__device__ __forceinline__ void row_stats(const T *x, unsigned base, unsigned d, unsigned lane,
+                                          float eps, float &mean, float &rstd) {
+    float s = 0.f;
+    for (unsigned j = lane; j < d; j += 32) s += ld(x, base + j);
+    mean = warp_sum(s) / d;
+    float v = 0.f;
+    for (unsigned j = lane; j < d; j += 32) {
+        const float c = ld(x, base + j) - mean;
+        v += c * c;
+    }
+    rstd = rsqrtf(warp_sum(v) / d + eps);
+}
+
 // LayerNorm without affine parameters (eps), then adaLN modulation:
 // out = xhat * (1 + scale[n]) + shift[n], rows of D, T rows per sample n.
 template <typename T>
@@ -48,15 +63,8 @@ __device__ void modln_fwd(const T *x, const T *shift, const T *scale, T *out, un
                           unsigned t, unsigned d, float eps) {
     ROW_SETUP
     const unsigned base = row * d, mod = (row / t) * d;
-    float s = 0.f;
-    for (unsigned j = lane; j < d; j += 32) s += ld(x, base + j);
-    const float mean = warp_sum(s) / d;
-    float v = 0.f;
-    for (unsigned j = lane; j < d; j += 32) {
-        const float c = ld(x, base + j) - mean;
-        v += c * c;
-    }
-    const float rstd = rsqrtf(warp_sum(v) / d + eps);
+    float mean, rstd;
+    row_stats(x, base, d, lane, eps, mean, rstd);
     for (unsigned j = lane; j < d; j += 32) {
         const float xhat = (ld(x, base + j) - mean) * rstd;
         st(out, base + j, xhat * (1.f + ld(scale, mod + j)) + ld(shift, mod + j));
@@ -71,15 +79,8 @@ __device__ void modln_bwd(const T *x, const T *scale, const T *g, T *out, unsign
                           unsigned t, unsigned d, float eps) {
     ROW_SETUP
     const unsigned base = row * d, mod = (row / t) * d, second = rows * d;
-    float s = 0.f;
-    for (unsigned j = lane; j < d; j += 32) s += ld(x, base + j);
-    const float mean = warp_sum(s) / d;
-    float v = 0.f;
-    for (unsigned j = lane; j < d; j += 32) {
-        const float c = ld(x, base + j) - mean;
-        v += c * c;
-    }
-    const float rstd = rsqrtf(warp_sum(v) / d + eps);
+    float mean, rstd;
+    row_stats(x, base, d, lane, eps, mean, rstd);
     float m1 = 0.f, m2 = 0.f;
     for (unsigned j = lane; j < d; j += 32) {
         const float xhat = (ld(x, base + j) - mean) * rstd;
