@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 9 in one run, on a machine with an NVIDIA GPU and PyTorch:
-# parity of the CUDA build against the torch fixtures, the embedded model sampled on the GPU,
-# then bench/gpu.py (ours vs PyTorch, bf16). Expects binaries built elsewhere in $BIN:
+# The GPU checks in one run, on a machine with an NVIDIA GPU and PyTorch: parity of the CUDA
+# build against the torch fixtures, the embedded model sampled on the GPU, then bench/gpu.py
+# (ours vs PyTorch, bf16). Binaries are built elsewhere (no Rust needed there) and found in $BIN:
 #   source tools/setup-cuda.sh
-#   CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda -p dit-cli
-#   CARGO_TARGET_DIR=target/cuda cargo test --release --features cuda -p dit --test parity --no-run
+#   CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda,nccl -p dit-cli
+#   CARGO_TARGET_DIR=target/cuda cargo test --release --features cuda,nccl -p dit --test parity --no-run
 #   mkdir -p .devbin && cp target/cuda/release/dit .devbin/ && cp <the parity binary> .devbin/parity
-# Writes its outputs under ${OUT:-out/gpu}.
+# Arguments go to bench/gpu.py. Environment: CPU_COMPARE=1 also samples on the CPU and compares
+# the PNGs; NCCL_SMOKE=1 trains through the NCCL all-reduce with one worker against a plain run;
+# BASELINE=1 also times our side with candle's generic ops (DIT_CUDA_KERNELS=0); SKIP_BENCH=1
+# stops before the benchmark. Writes its outputs under ${OUT:-out/gpu}.
 set -uo pipefail
 BIN=${BIN:-.devbin}
 OUT=${OUT:-out/gpu}
