@@ -710,9 +710,11 @@ fn edit_and_inpaint_with_the_embedded_model() {
     }
     assert_ne!(input, result);
     // A latent model through a VAE (the tiny diffusers fixture, factor 2: 16x16 latents of
-    // 32 px images): strength 0 gives back the input's latents, so both decode alike.
+    // 32 px images) on a real photograph: strength 0 gives back the input's latents, so both
+    // decode alike.
     let out = dir.path().join("latent.png");
     let (ckpt, vae) = (fixture("dit_c10_128.pt"), fixture("tiny_vae_folder"));
+    let img = fixture("photo_cat.png");
     succeeds(&dit(&[
         "edit",
         "--ckpt",

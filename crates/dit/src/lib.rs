@@ -55,6 +55,15 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub(crate) mod test_util {
     use candle_core::Tensor;
 
+    /// The real photograph of the editing tests (tests/fixtures/photo_cat.png, 32x32 RGB, from
+    /// tools/make_photo_fixture.py) as (1, 3, 32, 32) in [-1, 1].
+    pub fn photo() -> Tensor {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/photo_cat.png");
+        let img = crate::data::folder::read_rgb(&path).unwrap();
+        crate::data::folder::to_tensor(&[img], 3, &candle_core::Device::Cpu).unwrap()
+    }
+
     /// max |a - b| over all elements.
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         max_abs(&(a - b).unwrap())

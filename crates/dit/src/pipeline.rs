@@ -229,12 +229,12 @@ mod tests {
     use crate::test_util::{max_abs, max_abs_diff};
     use candle_core::Device;
 
-    /// A tiny pixel-space DiT with random weights (non-zero everywhere).
+    /// A tiny pixel-space DiT for 32x32 RGB images with random weights (non-zero everywhere).
     fn tiny_model() -> DiT {
         let cfg = crate::DiTConfig {
-            input_size: 8,
-            patch_size: 2,
-            in_channels: 1,
+            input_size: 32,
+            patch_size: 4,
+            in_channels: 3,
             hidden_size: 32,
             depth: 1,
             num_heads: 2,
@@ -256,14 +256,6 @@ mod tests {
         crate::checkpoint::build_model(&cfg, tensors, DType::F32, &Device::Cpu).unwrap()
     }
 
-    /// Uniform values in [-1, 1).
-    fn uniform_image(rng: &mut NoiseRng, shape: (usize, usize, usize, usize)) -> Tensor {
-        let u = rng
-            .uniform_like(&Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap())
-            .unwrap();
-        u.affine(2.0, -1.0).unwrap()
-    }
-
     fn opts() -> SampleOptions {
         SampleOptions {
             steps: 10,
@@ -276,10 +268,12 @@ mod tests {
 
     #[test]
     fn edit_strength_endpoints() {
+        // A real photograph and its mirror image, two samples each.
         let model = tiny_model();
         let mut rng = NoiseRng::new(1);
-        let a = uniform_image(&mut rng, (2, 1, 8, 8));
-        let b = a.neg().unwrap();
+        let photo = crate::test_util::photo();
+        let a = Tensor::cat(&[&photo, &photo], 0).unwrap();
+        let b = a.flip(&[3]).unwrap();
         let noise = rng.randn_like(&a).unwrap();
         let run = |x0: &Tensor, s: f64| {
             edit_latents(
@@ -318,13 +312,13 @@ mod tests {
         let model = tiny_model();
         let dev = Device::Cpu;
         let mut rng = NoiseRng::new(3);
-        let x0 = uniform_image(&mut rng, (1, 1, 8, 8));
-        // Keep the left half, regenerate the right half.
+        let x0 = crate::test_util::photo();
+        // Keep the photograph's left half, regenerate the right half.
         let keep = Tensor::from_vec(
-            (0..64)
-                .map(|i| if i % 8 < 4 { 1f32 } else { 0.0 })
+            (0..32 * 32)
+                .map(|i| if i % 32 < 16 { 1f32 } else { 0.0 })
                 .collect::<Vec<_>>(),
-            (1, 1, 8, 8),
+            (1, 1, 32, 32),
             &dev,
         )
         .unwrap();

@@ -469,13 +469,12 @@ mod tests {
 
     #[test]
     fn every_schedule_and_target_round_trips() {
-        // x0 -> (x_t, target) -> the model output "target" gives back x0 and the noise.
+        // x0 -> (x_t, target) -> the model output "target" gives back x0 and the noise, on a
+        // real photograph (four copies, one per timestep).
         let dev = Device::Cpu;
-        let x0 = Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &dev)
-            .unwrap()
-            .clamp(-1f32, 1f32)
-            .unwrap();
-        let noise = Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &dev).unwrap();
+        let photo = crate::test_util::photo();
+        let x0 = Tensor::cat(&[&photo, &photo, &photo, &photo], 0).unwrap();
+        let noise = Tensor::randn(0f32, 1.0, x0.shape(), &dev).unwrap();
         let ts = [1, 100, 600, 990];
         for schedule in [Schedule::Linear, Schedule::Cosine] {
             for prediction in [Prediction::Eps, Prediction::X0, Prediction::V] {
