@@ -1024,6 +1024,106 @@ fn fusable(ts: &[&Tensor]) -> bool {
         && ts.iter().all(|t| t.dtype() == x.dtype())
 }
 
+/// Hyper-parameters of one AdamW step: lr, (b1, b2), eps, weight decay, and the bias
+/// corrections c1 = 1 - b1^t, c2 = 1 - b2^t.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub b1: f32,
+    pub b2: f32,
+    pub eps: f32,
+    pub wd: f32,
+    pub c1: f32,
+    pub c2: f32,
+}
+
+/// One AdamW step of an f32 parameter, fused per element (one pass instead of a dozen tensor
+/// ops): (theta', m', v'), on the CPU or a GPU. `None` where it does not apply (other dtypes),
+/// for the caller's tensor-op path.
+pub fn adamw(
+    theta: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    h: AdamWStep,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if crate::ops_cuda::applies_f32(&[theta, g, m, v]) {
+        return crate::ops_cuda::adamw(theta, g, m, v, h).map(Some);
+    }
+    let n = theta.elem_count();
+    let out = with_cpu_f32(&[theta, g, m, v], |s| {
+        let (th, g, m, v) = (s[0], s[1], s[2], s[3]);
+        let (mut t2, mut m2, mut v2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        const CHUNK: usize = 1 << 14;
+        t2.par_chunks_mut(CHUNK)
+            .zip(m2.par_chunks_mut(CHUNK))
+            .zip(v2.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, ((t2, m2), v2))| {
+                for j in 0..t2.len() {
+                    let i = c * CHUNK + j;
+                    let mi = h.b1 * m[i] + (1.0 - h.b1) * g[i];
+                    let vi = h.b2 * v[i] + (1.0 - h.b2) * g[i] * g[i];
+                    let step = (mi / h.c1) / ((vi / h.c2).sqrt() + h.eps);
+                    t2[j] = th[i] * (1.0 - h.lr * h.wd) - h.lr * step;
+                    m2[j] = mi;
+                    v2[j] = vi;
+                }
+            });
+        (t2, m2, v2)
+    })?;
+    let Some((t2, m2, v2)) = out else {
+        return Ok(None);
+    };
+    let back = |x: Vec<f32>| Tensor::from_vec(x, theta.shape(), theta.device());
+    Ok(Some((back(t2)?, back(m2)?, back(v2)?)))
+}
+
+/// decay * ema + (1 - decay) * theta in one pass (f32, CPU or GPU); `None` where it does not
+/// apply.
+pub fn ema(ema: &Tensor, theta: &Tensor, decay: f64) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if crate::ops_cuda::applies_f32(&[ema, theta]) {
+        return crate::ops_cuda::ema(ema, theta, decay).map(Some);
+    }
+    // 1 - decay in f64: in f32, 1 - 0.9999 is off by 2e-4 relative.
+    let (keep, rest) = (decay as f32, (1.0 - decay) as f32);
+    let out = with_cpu_f32(&[ema, theta], |s| {
+        s[0].par_iter()
+            .zip(s[1].par_iter())
+            .map(|(e, t)| keep * e + rest * t)
+            .collect::<Vec<f32>>()
+    })?;
+    out.map(|e| Tensor::from_vec(e, ema.shape(), ema.device()))
+        .transpose()
+}
+
+/// Runs `f` on the f32 elements of CPU tensors of one shape (made contiguous); `None` if any is
+/// elsewhere or of another dtype.
+fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<Option<R>> {
+    if !ts
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == ts[0].shape())
+    {
+        return Ok(None);
+    }
+    let owned = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let candle_core::Storage::Cpu(cpu) = &**storage else {
+            return Ok(None);
+        };
+        let (a, b) = layout.contiguous_offsets().expect("made contiguous above");
+        slices.push(&cpu.as_slice::<f32>()?[a..b]);
+    }
+    Ok(Some(f(&slices)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -552,26 +552,13 @@ pub fn applies_f32(ts: &[&Tensor]) -> bool {
     applies(ts) && ts[0].dtype() == DType::F32
 }
 
-/// Hyper-parameters of one AdamW step: lr, (b1, b2), eps, weight decay, and the bias
-/// corrections c1 = 1 - b1^t, c2 = 1 - b2^t.
-#[derive(Debug, Clone, Copy)]
-pub struct AdamWStep {
-    pub lr: f32,
-    pub b1: f32,
-    pub b2: f32,
-    pub eps: f32,
-    pub wd: f32,
-    pub c1: f32,
-    pub c2: f32,
-}
-
 /// One AdamW step in two fused passes: returns (theta', m', v').
 pub fn adamw(
     theta: &Tensor,
     g: &Tensor,
     m: &Tensor,
     v: &Tensor,
-    h: AdamWStep,
+    h: crate::ops::AdamWStep,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let n = theta.elem_count();
     let flat = |t: &Tensor| t.flatten_all()?.contiguous();
@@ -590,8 +577,8 @@ pub fn adamw(
 }
 
 /// decay * ema + (1 - decay) * theta in one pass.
-pub fn ema(ema: &Tensor, theta: &Tensor, decay: f32) -> Result<Tensor> {
-    let kernel = Kernel::elementwise("ema", ema, &[]).floats(&[decay]);
+pub fn ema(ema: &Tensor, theta: &Tensor, decay: f64) -> Result<Tensor> {
+    let kernel = Kernel::elementwise("ema", ema, &[]).floats(&[decay as f32, (1.0 - decay) as f32]);
     ema.contiguous()?
         .apply_op2_no_bwd(&theta.contiguous()?, &kernel)
 }

@@ -155,19 +155,17 @@ impl AdamW {
             let Some(g) = grads.get(name) else {
                 continue;
             };
-            #[cfg(feature = "cuda")]
-            if crate::ops_cuda::applies_f32(&[var.as_tensor(), g, &self.m[name], &self.v[name]]) {
-                let step = crate::ops_cuda::AdamWStep {
-                    lr: lr as f32,
-                    b1: b1 as f32,
-                    b2: b2 as f32,
-                    eps: cfg.eps as f32,
-                    wd: cfg.weight_decay as f32,
-                    c1: c1 as f32,
-                    c2: c2 as f32,
-                };
-                let (theta, m, v) =
-                    crate::ops_cuda::adamw(var.as_tensor(), g, &self.m[name], &self.v[name], step)?;
+            let h = crate::ops::AdamWStep {
+                lr: lr as f32,
+                b1: b1 as f32,
+                b2: b2 as f32,
+                eps: cfg.eps as f32,
+                wd: cfg.weight_decay as f32,
+                c1: c1 as f32,
+                c2: c2 as f32,
+            };
+            let (m, v) = (&self.m[name], &self.v[name]);
+            if let Some((theta, m, v)) = crate::ops::adamw(var.as_tensor(), g, m, v, h)? {
                 var.set(&theta)?;
                 self.m.insert(name.clone(), m);
                 self.v.insert(name.clone(), v);
@@ -350,9 +348,7 @@ impl Trainer {
         // EMA: ema = d ema + (1 - d) theta.
         let d = self.cfg.ema_decay;
         for (name, var) in &self.params {
-            #[cfg(feature = "cuda")]
-            if crate::ops_cuda::applies_f32(&[&self.ema[name], var.as_tensor()]) {
-                let e = crate::ops_cuda::ema(&self.ema[name], var.as_tensor(), d as f32)?;
+            if let Some(e) = crate::ops::ema(&self.ema[name], var.as_tensor(), d)? {
                 self.ema.insert(name.clone(), e);
                 continue;
             }
