@@ -58,21 +58,18 @@ pub fn launch(gpus: usize) -> Result<()> {
                 .with_context(|| format!("cannot start worker {rank}"))?;
             children.push(child);
         }
+        // Poll until every worker has ended or one has failed.
         let mut failed = None;
-        while failed.is_none() && !children.is_empty() {
+        let mut running = vec![true; children.len()];
+        while failed.is_none() && running.iter().any(|&r| r) {
             std::thread::sleep(std::time::Duration::from_millis(200));
             for (rank, child) in children.iter_mut().enumerate() {
-                if let Some(status) = child.try_wait()? {
+                if let (true, Some(status)) = (running[rank], child.try_wait()?) {
+                    running[rank] = false;
                     if !status.success() {
                         failed = Some((rank, status));
                     }
                 }
-            }
-            if children
-                .iter_mut()
-                .all(|c| matches!(c.try_wait(), Ok(Some(_))))
-            {
-                break;
             }
         }
         if let Some((rank, status)) = failed {

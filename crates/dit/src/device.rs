@@ -64,15 +64,6 @@ fn tune_cuda(device: &Device, ordinal: usize) {
     }
 }
 
-/// The device name as `parse` reads it.
-pub fn name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
