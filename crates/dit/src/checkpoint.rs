@@ -43,6 +43,13 @@ pub fn read_tensors(path: &Path) -> Result<Tensors> {
             Err(e) => return Err(ckpt_err(path, e)),
         }
     };
+    // A TorchScript archive pickles a module tree, not a flat state dict: candle's reader finds
+    // no tensors in it.
+    let tensors = if tensors.is_empty() && !is_safetensors {
+        crate::torchscript::read(path)?
+    } else {
+        tensors
+    };
     if tensors.is_empty() {
         return Err(ckpt_err(
             path,

