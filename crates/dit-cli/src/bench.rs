@@ -40,6 +40,26 @@ pub struct BenchArgs {
     /// the model on twice the batch) instead of single forward passes.
     #[arg(long)]
     sample_steps: Option<usize>,
+    /// Time FID Inception features (`dit eval`'s network, these weights) of `--batch-size`
+    /// uint8 images of `--image-size` instead of a DiT.
+    #[arg(long)]
+    inception: Option<std::path::PathBuf>,
+}
+
+/// Inception features/s on random uint8 images (resize to 299 included).
+fn bench_inception(a: &BenchArgs, weights: &std::path::Path, dev: &Device) -> Result<()> {
+    let net = dit::eval::inception::InceptionV3::load(weights, dev)?;
+    let (n, s) = (a.batch_size, a.image_size);
+    let images = (Tensor::rand(0f32, 255.0, (n, s, s, 3), dev)?).to_dtype(DType::U8)?;
+    let secs = time(dev, a.iters, || {
+        net.features_u8(&images)?
+            .pool
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        Ok(())
+    })?;
+    println!("{{\"what\": \"inception\", \"size\": {s}, \"batch\": {n}, \"seconds\": {secs:.4}, \"images_per_s\": {:.3}}}", n as f64 / secs);
+    Ok(())
 }
 
 /// Peak resident memory of this process (VmHWM), in MiB; 0 where /proc is unavailable.
@@ -127,6 +147,9 @@ pub fn run(a: BenchArgs, dev: &Device) -> Result<()> {
     let dtype = a.dtype.dtype_on(dev)?;
     if a.train {
         return bench_train(&a, dtype, dev);
+    }
+    if let Some(w) = &a.inception {
+        return bench_inception(&a, w, dev);
     }
     for name in &a.models {
         let cfg = DiTConfig::named(name, a.image_size)?;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod edit;
+mod eval;
 mod eval_builtin;
 mod extract;
 mod launch;
@@ -46,11 +47,18 @@ enum Command {
         /// Store the weights in f16 (half the size; loaded back as f32).
         #[arg(long)]
         half: bool,
+        /// The input is FID Inception weights (pytorch-fid's .pth or the TorchScript file), not
+        /// a DiT: rename to `dit eval`'s layout and check that the network loads.
+        #[arg(long)]
+        inception: bool,
     },
     /// Time the forward pass (and the VAE decode) of our implementation.
     Bench(bench::BenchArgs),
     /// Train a DiT on the built-in MNIST digits (checkpoints, JSONL log, resume).
     Train(Box<train::TrainArgs>),
+    /// The ADM evaluation suite on two image batches (.npz): FID, sFID, Inception Score,
+    /// precision and recall, on the FID Inception network.
+    Eval(Box<eval::EvalArgs>),
     /// Score a model of the built-in digits: classifier accuracy per class and a Fréchet
     /// distance to real digits in the classifier's feature space.
     EvalBuiltin(Box<eval_builtin::EvalBuiltinArgs>),
@@ -104,9 +112,17 @@ fn run(command: Command, device: &candle_core::Device) -> anyhow::Result<()> {
             input,
             output,
             half,
+            inception: true,
+        } => convert_inception(&input, &output, half),
+        Command::Convert {
+            input,
+            output,
+            half,
+            inception: false,
         } => convert(&input, &output, half),
         Command::Bench(args) => bench::run(args, device),
         Command::Train(args) => train::run(*args, device),
+        Command::Eval(args) => eval::run(*args, device),
         Command::EvalBuiltin(args) => eval_builtin::run(*args, device),
         Command::TrainClassifier(args) => eval_builtin::train_classifier(args, device),
         Command::ExtractLatents(args) => extract::run(args, device),
@@ -133,9 +149,7 @@ fn convert(input: &std::path::Path, output: &std::path::Path, half: bool) -> any
     };
     dit::checkpoint::validate(&cfg, &tensors)?;
     if half {
-        for t in tensors.values_mut() {
-            *t = t.to_dtype(candle_core::DType::F16)?;
-        }
+        half_precision(&mut tensors)?;
     }
     dit::checkpoint::save_safetensors_atomic(&tensors, output)?;
     println!(
@@ -146,6 +160,37 @@ fn convert(input: &std::path::Path, output: &std::path::Path, half: bool) -> any
         cfg.hidden_size,
         cfg.patch_size,
         cfg.num_classes
+    );
+    Ok(())
+}
+
+fn half_precision(tensors: &mut dit::checkpoint::Tensors) -> anyhow::Result<()> {
+    for t in tensors.values_mut() {
+        *t = t.to_dtype(candle_core::DType::F16)?;
+    }
+    Ok(())
+}
+
+fn convert_inception(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    half: bool,
+) -> anyhow::Result<()> {
+    use dit::eval::inception::{canonical_names, InceptionV3};
+    let mut tensors = canonical_names(&dit::checkpoint::read_tensors(input)?);
+    let net = InceptionV3::from_tensors(&tensors, &candle_core::Device::Cpu)?;
+    if half {
+        half_precision(&mut tensors)?;
+    }
+    dit::checkpoint::save_safetensors_atomic(&tensors, output)?;
+    let fc = match net.has_classifier() {
+        true => "with",
+        false => "without",
+    };
+    println!(
+        "wrote {} ({} tensors, {fc} the 1008-way classifier)",
+        output.display(),
+        tensors.len()
     );
     Ok(())
 }

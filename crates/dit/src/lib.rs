@@ -11,6 +11,7 @@
 pub mod builtin;
 pub mod checkpoint;
 pub mod config;
+pub mod conv;
 pub mod data;
 pub mod device;
 pub mod diffusion;

@@ -18,6 +18,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::checkpoint::Tensors;
+use crate::conv::{conv2d, Conv2dGeometry};
 use crate::{Error, Result};
 
 /// The resolution the network was trained at.
@@ -47,9 +48,7 @@ pub struct InceptionFeatures {
 struct ConvBn {
     weight: Tensor,
     bias: Tensor,
-    stride: usize,
-    /// (height, width) zero padding.
-    pad: (usize, usize),
+    geometry: Conv2dGeometry,
 }
 
 impl ConvBn {
@@ -95,25 +94,21 @@ impl ConvBn {
         };
         Ok(Self {
             weight: weight.to_device(dev)?,
-            bias: bias.reshape((1, out, 1, 1))?.to_device(dev)?,
-            stride,
-            pad,
+            bias: bias.reshape((out, 1, 1, 1))?.to_device(dev)?,
+            geometry: Conv2dGeometry {
+                kernel: (kh, kw),
+                stride,
+                pad,
+            },
         })
     }
 }
 
 impl Module for ConvBn {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (ph, pw) = self.pad;
-        let y = if ph == pw {
-            x.conv2d(&self.weight, ph, self.stride, 1, 1)?
-        } else {
-            // candle's conv2d pads both axes alike; 1x7 / 7x1 kernels pad one axis only.
-            x.pad_with_zeros(2, ph, ph)?
-                .pad_with_zeros(3, pw, pw)?
-                .conv2d(&self.weight, 0, self.stride, 1, 1)?
-        };
-        y.broadcast_add(&self.bias)?.relu()
+        conv2d(x, &self.weight, self.geometry)?
+            .broadcast_add(&self.bias)?
+            .relu()
     }
 }
 
@@ -151,11 +146,12 @@ fn max_pool_same(x: &Tensor) -> candle_core::Result<Tensor> {
         .max_pool2d_with_stride(3, 1)
 }
 
+/// Joins branches along channels (dim 0: activations are channel-major, see [`crate::conv`]).
 fn cat(parts: &[Tensor]) -> candle_core::Result<Tensor> {
-    Tensor::cat(parts, 1)
+    Tensor::cat(parts, 0)
 }
 
-/// Loads the convolutions of one block from `(suffix, stride, same-padding)` specs.
+/// Loads the convolutions of one block.
 struct Loader<'a> {
     t: &'a Tensors,
     dev: &'a Device,
@@ -165,17 +161,11 @@ impl Loader<'_> {
     fn conv(&self, name: &str, stride: usize, same: bool) -> Result<ConvBn> {
         ConvBn::load(self.t, name, stride, same, self.dev)
     }
-    /// A chain of stride-1 same-padded convs `{prefix}.conv`, `{prefix}.conv_1`, …
-    fn tower(&self, prefix: &str, n: usize) -> Result<Vec<ConvBn>> {
-        (0..n)
-            .map(|i| {
-                let leaf = if i == 0 {
-                    "conv".into()
-                } else {
-                    format!("conv_{i}")
-                };
-                self.conv(&format!("{prefix}.{leaf}"), 1, true)
-            })
+    /// Stride-1 same-padded convs `{prefix}.conv_1` … `{prefix}.conv_{n-1}` (the 1x1
+    /// `{prefix}.conv` that starts each tower lives in the block's [`Head`]).
+    fn tower_rest(&self, prefix: &str, n: usize) -> Result<Vec<ConvBn>> {
+        (1..n)
+            .map(|i| self.conv(&format!("{prefix}.conv_{i}"), 1, true))
             .collect()
     }
 }
@@ -184,102 +174,162 @@ fn chain(convs: &[ConvBn], x: &Tensor) -> candle_core::Result<Tensor> {
     convs.iter().try_fold(x.clone(), |h, c| c.forward(&h))
 }
 
+/// All the 1x1 convolutions of a block that read the block's input, as one convolution.
+///
+/// Why: one pass over the input instead of up to four. The pool branch's "3x3 average pool, then
+/// 1x1 conv" is computed as "1x1 conv, then pool" — both are linear and the average only counts
+/// in-image values, so they commute exactly (the bias is added after the pool) — which pools
+/// 32-192 channels instead of 192-2048.
+struct Head {
+    weight: Tensor,
+    bias: Tensor,
+    /// Output channels of each direct branch, then of the pooled branch (if any).
+    widths: Vec<usize>,
+    pooled: bool,
+}
+
+impl Head {
+    fn load(l: &Loader, direct: &[String], pooled: Option<&str>) -> Result<Self> {
+        let names: Vec<&str> = direct.iter().map(String::as_str).chain(pooled).collect();
+        let convs = names
+            .iter()
+            .map(|n| l.conv(n, 1, true))
+            .collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = convs.iter().map(|c| &c.weight).collect();
+        let biases: Vec<&Tensor> = convs.iter().map(|c| &c.bias).collect();
+        Ok(Self {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: Tensor::cat(&biases, 0)?,
+            widths: convs
+                .iter()
+                .map(|c| c.bias.dim(0))
+                .collect::<candle_core::Result<_>>()?,
+            pooled: pooled.is_some(),
+        })
+    }
+
+    /// Each branch's activated output, in load order.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let one = Conv2dGeometry {
+            kernel: (1, 1),
+            stride: 1,
+            pad: (0, 0),
+        };
+        let y = conv2d(x, &self.weight, one)?;
+        let n = self.widths.len();
+        let mut out = Vec::with_capacity(n);
+        let mut at = 0;
+        for (i, &w) in self.widths.iter().enumerate() {
+            let mut part = y.narrow(0, at, w)?;
+            if self.pooled && i == n - 1 {
+                part = avg_pool_same(&part)?;
+            }
+            out.push(part.broadcast_add(&self.bias.narrow(0, at, w)?)?.relu()?);
+            at += w;
+        }
+        Ok(out)
+    }
+}
+
+fn names(p: &str, leaves: &[&str]) -> Vec<String> {
+    leaves.iter().map(|l| format!("{p}.{l}")).collect()
+}
+
 /// 35x35 blocks (`mixed`, `mixed_1`, `mixed_2`): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1.
 struct BlockA {
-    conv: ConvBn,
+    head: Head,
     tower: Vec<ConvBn>,
     tower_1: Vec<ConvBn>,
-    pool_conv: ConvBn,
 }
 
 /// 17x17 blocks (`mixed_4` … `mixed_7`): 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool-1x1.
 struct BlockC {
-    conv: ConvBn,
+    head: Head,
     tower: Vec<ConvBn>,
     tower_1: Vec<ConvBn>,
-    pool_conv: ConvBn,
 }
 
 /// 8x8 blocks (`mixed_9`, `mixed_10`): 1x1 | 1x1 then 1x3 and 3x1 | 1x1-3x3 then 1x3 and 3x1 |
-/// pool-1x1 (average in the first, max in the second).
+/// pool-1x1 (average in the first, max in the second: that one stays outside the head, as a max
+/// pool does not commute with the convolution).
 struct BlockE {
-    conv: ConvBn,
-    tower_conv: ConvBn,
+    head: Head,
     tower_mixed: [ConvBn; 2],
-    tower_1: [ConvBn; 2],
+    tower_1: ConvBn,
     tower_1_mixed: [ConvBn; 2],
-    pool_conv: ConvBn,
-    max_pool: bool,
+    /// `mixed_10`'s max-pool branch conv.
+    max_pool_conv: Option<ConvBn>,
 }
 
 impl BlockA {
     fn load(l: &Loader, p: &str) -> Result<Self> {
+        let direct = names(p, &["conv", "tower.conv", "tower_1.conv"]);
         Ok(Self {
-            conv: l.conv(&format!("{p}.conv"), 1, true)?,
-            tower: l.tower(&format!("{p}.tower"), 2)?,
-            tower_1: l.tower(&format!("{p}.tower_1"), 3)?,
-            pool_conv: l.conv(&format!("{p}.tower_2.conv"), 1, true)?,
+            head: Head::load(l, &direct, Some(&format!("{p}.tower_2.conv")))?,
+            tower: l.tower_rest(&format!("{p}.tower"), 2)?,
+            tower_1: l.tower_rest(&format!("{p}.tower_1"), 3)?,
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.head.forward(x)?;
         cat(&[
-            self.conv.forward(x)?,
-            chain(&self.tower, x)?,
-            chain(&self.tower_1, x)?,
-            self.pool_conv.forward(&avg_pool_same(x)?)?,
+            h[0].clone(),
+            chain(&self.tower, &h[1])?,
+            chain(&self.tower_1, &h[2])?,
+            h[3].clone(),
         ])
     }
 }
 
 impl BlockC {
     fn load(l: &Loader, p: &str) -> Result<Self> {
+        let direct = names(p, &["conv", "tower.conv", "tower_1.conv"]);
         Ok(Self {
-            conv: l.conv(&format!("{p}.conv"), 1, true)?,
-            tower: l.tower(&format!("{p}.tower"), 3)?,
-            tower_1: l.tower(&format!("{p}.tower_1"), 5)?,
-            pool_conv: l.conv(&format!("{p}.tower_2.conv"), 1, true)?,
+            head: Head::load(l, &direct, Some(&format!("{p}.tower_2.conv")))?,
+            tower: l.tower_rest(&format!("{p}.tower"), 3)?,
+            tower_1: l.tower_rest(&format!("{p}.tower_1"), 5)?,
         })
     }
     /// The block's output and its 1x1 branch (`mixed_6/conv` is sFID's feature map).
     fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let branch = self.conv.forward(x)?;
+        let h = self.head.forward(x)?;
         let out = cat(&[
-            branch.clone(),
-            chain(&self.tower, x)?,
-            chain(&self.tower_1, x)?,
-            self.pool_conv.forward(&avg_pool_same(x)?)?,
+            h[0].clone(),
+            chain(&self.tower, &h[1])?,
+            chain(&self.tower_1, &h[2])?,
+            h[3].clone(),
         ])?;
-        Ok((out, branch))
+        Ok((out, h[0].clone()))
     }
 }
 
 impl BlockE {
     fn load(l: &Loader, p: &str, max_pool: bool) -> Result<Self> {
         let c = |leaf: &str| l.conv(&format!("{p}.{leaf}"), 1, true);
+        let direct = names(p, &["conv", "tower_conv", "tower_1_conv"]);
+        let pool_conv = format!("{p}.tower_2_conv");
         Ok(Self {
-            conv: c("conv")?,
-            tower_conv: c("tower_conv")?,
+            head: Head::load(l, &direct, (!max_pool).then_some(pool_conv.as_str()))?,
             tower_mixed: [c("tower_mixed_conv")?, c("tower_mixed_conv_1")?],
-            tower_1: [c("tower_1_conv")?, c("tower_1_conv_1")?],
+            tower_1: c("tower_1_conv_1")?,
             tower_1_mixed: [c("tower_1_mixed_conv")?, c("tower_1_mixed_conv_1")?],
-            pool_conv: c("tower_2_conv")?,
-            max_pool,
+            max_pool_conv: max_pool.then(|| c("tower_2_conv")).transpose()?,
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let a = self.tower_conv.forward(x)?;
-        let b = chain(&self.tower_1, x)?;
-        let pooled = match self.max_pool {
-            true => max_pool_same(x)?,
-            false => avg_pool_same(x)?,
+        let h = self.head.forward(x)?;
+        let (a, b) = (&h[1], self.tower_1.forward(&h[2])?);
+        let pool = match &self.max_pool_conv {
+            Some(conv) => conv.forward(&max_pool_same(x)?)?,
+            None => h[3].clone(),
         };
         cat(&[
-            self.conv.forward(x)?,
-            self.tower_mixed[0].forward(&a)?,
-            self.tower_mixed[1].forward(&a)?,
+            h[0].clone(),
+            self.tower_mixed[0].forward(a)?,
+            self.tower_mixed[1].forward(a)?,
             self.tower_1_mixed[0].forward(&b)?,
             self.tower_1_mixed[1].forward(&b)?,
-            self.pool_conv.forward(&pooled)?,
+            pool,
         ])
     }
 }
@@ -289,10 +339,11 @@ pub struct InceptionV3 {
     stem: [ConvBn; 5],
     blocks_a: [BlockA; 3],
     /// `mixed_3`: 3x3 stride 2 | 1x1-3x3-3x3 stride 2 | max pool.
-    reduce_a: (ConvBn, Vec<ConvBn>),
+    reduce_a: (ConvBn, ConvBn, Vec<ConvBn>),
     blocks_c: [BlockC; 4],
-    /// `mixed_8`: 1x1-3x3 stride 2 | 1x1-1x7-7x1-3x3 stride 2 | max pool.
-    reduce_c: (Vec<ConvBn>, Vec<ConvBn>),
+    /// `mixed_8`: 1x1-3x3 stride 2 | 1x1-1x7-7x1-3x3 stride 2 | max pool (the two 1x1s as
+    /// one head).
+    reduce_c: (Head, ConvBn, Vec<ConvBn>),
     blocks_e: [BlockE; 2],
     /// The 1008-way classifier (weight (1008, 2048), bias), when the weights have it.
     fc: Option<(Tensor, Tensor)>,
@@ -310,9 +361,9 @@ impl InceptionV3 {
     pub fn from_tensors(tensors: &Tensors, device: &Device) -> Result<Self> {
         let t = canonical_names(tensors);
         let l = Loader { t: &t, dev: device };
+        // A tower (after its first 1x1) whose last conv is the stride-2 valid reduction.
         let tail = |p: &str, chain_len: usize| -> Result<Vec<ConvBn>> {
-            // A tower whose last conv is the stride-2 valid reduction.
-            let mut convs = l.tower(p, chain_len - 1)?;
+            let mut convs = l.tower_rest(p, chain_len - 1)?;
             convs.push(l.conv(&format!("{p}.conv_{}", chain_len - 1), 2, false)?);
             Ok(convs)
         };
@@ -339,14 +390,22 @@ impl InceptionV3 {
                 BlockA::load(&l, "mixed_1")?,
                 BlockA::load(&l, "mixed_2")?,
             ],
-            reduce_a: (l.conv("mixed_3.conv", 2, false)?, tail("mixed_3.tower", 3)?),
+            reduce_a: (
+                l.conv("mixed_3.conv", 2, false)?,
+                l.conv("mixed_3.tower.conv", 1, true)?,
+                tail("mixed_3.tower", 3)?,
+            ),
             blocks_c: [
                 BlockC::load(&l, "mixed_4")?,
                 BlockC::load(&l, "mixed_5")?,
                 BlockC::load(&l, "mixed_6")?,
                 BlockC::load(&l, "mixed_7")?,
             ],
-            reduce_c: (tail("mixed_8.tower", 2)?, tail("mixed_8.tower_1", 4)?),
+            reduce_c: (
+                Head::load(&l, &names("mixed_8", &["tower.conv", "tower_1.conv"]), None)?,
+                tail("mixed_8.tower", 2)?.remove(0),
+                tail("mixed_8.tower_1", 4)?,
+            ),
             blocks_e: [
                 BlockE::load(&l, "mixed_9", false)?,
                 BlockE::load(&l, "mixed_10", true)?,
@@ -373,14 +432,17 @@ impl InceptionV3 {
     /// The network on (B, 3, 299, 299) inputs already in TF's range ((x - 128) / 128).
     pub fn forward(&self, x: &Tensor) -> Result<InceptionFeatures> {
         let s = &self.stem;
-        let x = s[1].forward(&s[0].forward(x)?)?;
+        // Channel-major (C, B, H, W) inside: see crate::conv.
+        let x = x.permute((1, 0, 2, 3))?.contiguous()?;
+        let x = s[1].forward(&s[0].forward(&x)?)?;
         let x = max_pool_s2(&s[2].forward(&x)?)?;
         let mut x = max_pool_s2(&s[4].forward(&s[3].forward(&x)?)?)?;
         for b in &self.blocks_a {
             x = b.forward(&x)?;
         }
-        let (conv, tower) = &self.reduce_a;
-        x = cat(&[conv.forward(&x)?, chain(tower, &x)?, max_pool_s2(&x)?])?;
+        let (conv, tower_in, tower) = &self.reduce_a;
+        let t = chain(tower, &tower_in.forward(&x)?)?;
+        x = cat(&[conv.forward(&x)?, t, max_pool_s2(&x)?])?;
         let mut spatial = None;
         for (i, b) in self.blocks_c.iter().enumerate() {
             let (out, branch) = b.forward(&x)?;
@@ -389,17 +451,18 @@ impl InceptionV3 {
             }
             x = out;
         }
-        let (t0, t1) = &self.reduce_c;
-        x = cat(&[chain(t0, &x)?, chain(t1, &x)?, max_pool_s2(&x)?])?;
+        let (head, t0, t1) = &self.reduce_c;
+        let h = head.forward(&x)?;
+        x = cat(&[t0.forward(&h[0])?, chain(t1, &h[1])?, max_pool_s2(&x)?])?;
         for b in &self.blocks_e {
             x = b.forward(&x)?;
         }
-        let pool = x.mean((2, 3))?;
-        // (B, C, 17, 17) -> first 7 channels -> (B, 17, 17, 7) flattened: TF's NHWC order.
+        let pool = x.mean((2, 3))?.t()?.contiguous()?;
+        // (C, B, 17, 17) -> first 7 channels -> (B, 17, 17, 7) flattened: TF's NHWC order.
         let spatial = spatial
             .expect("four 17x17 blocks")
-            .narrow(1, 0, SPATIAL_CHANNELS)?
-            .permute((0, 2, 3, 1))?
+            .narrow(0, 0, SPATIAL_CHANNELS)?
+            .permute((1, 2, 3, 0))?
             .flatten_from(1)?;
         let probs = match &self.fc {
             Some((w, b)) => Some(candle_nn::ops::softmax_last_dim(
@@ -460,7 +523,7 @@ fn resize_matrix(input: usize, output: usize, device: &Device) -> Result<Tensor>
 
 /// Renames pytorch-fid's torchvision-style keys (`Mixed_6b.branch7x7_2.conv.weight`,
 /// `….bn.running_var`) to the TorchScript names this module uses; other keys pass unchanged.
-fn canonical_names(t: &Tensors) -> Tensors {
+pub fn canonical_names(t: &Tensors) -> Tensors {
     let blocks: HashMap<&str, &str> = [
         ("Conv2d_1a_3x3", "conv"),
         ("Conv2d_2a_3x3", "conv_1"),

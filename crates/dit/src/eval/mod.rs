@@ -7,5 +7,6 @@ pub mod frechet;
 pub mod inception;
 pub mod metrics;
 pub mod npz;
+pub mod suite;
 
 pub use frechet::{frechet_distance, GaussianStats};
