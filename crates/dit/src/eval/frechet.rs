@@ -5,9 +5,11 @@
 //! All in f64. tr (S1 S2)^(1/2) is computed as the sum of square roots of the eigenvalues of the
 //! symmetric PSD matrix S1^(1/2) S2 S1^(1/2), which has the same spectrum as S1 S2 — stable where
 //! a general (non-symmetric) matrix square root is not, and no complex parts to discard. Tiny
-//! negative eigenvalues from round-off are clamped to zero.
+//! negative eigenvalues from round-off are clamped to zero. The eigendecompositions (2048x2048
+//! for FID) run in faer: 0.4 s each here, against 6.6 s with nalgebra.
 
-use nalgebra::{DMatrix, DVector, SymmetricEigen};
+use faer::{Mat, Side};
+use nalgebra::{DMatrix, DVector};
 
 use crate::{Error, Result};
 
@@ -46,11 +48,12 @@ pub fn frechet_distance(a: &GaussianStats, b: &GaussianStats) -> Result<f64> {
             b.mu.len()
         )));
     }
-    let sqrt_a = psd_sqrt(&a.sigma);
-    let inner = &sqrt_a * &b.sigma * &sqrt_a;
-    let inner = (&inner + inner.transpose()) * 0.5; // exact symmetry for the eigensolver
-    let tr_covmean: f64 = SymmetricEigen::new(inner)
-        .eigenvalues
+    let sqrt_a = psd_sqrt(&to_faer(&a.sigma))?;
+    let inner = &sqrt_a * to_faer(&b.sigma) * &sqrt_a;
+    let inner = symmetrised(&inner); // exact symmetry for the eigensolver
+    let tr_covmean: f64 = inner
+        .self_adjoint_eigenvalues(Side::Lower)
+        .map_err(eig_err)?
         .iter()
         .map(|&l| l.max(0.0).sqrt())
         .sum();
@@ -58,12 +61,30 @@ pub fn frechet_distance(a: &GaussianStats, b: &GaussianStats) -> Result<f64> {
     Ok(diff.dot(&diff) + a.sigma.trace() + b.sigma.trace() - 2.0 * tr_covmean)
 }
 
+fn eig_err(e: impl std::fmt::Debug) -> Error {
+    Error::Input(format!(
+        "eigendecomposition failed (non-finite covariance?): {e:?}"
+    ))
+}
+
+fn to_faer(m: &DMatrix<f64>) -> Mat<f64> {
+    Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)])
+}
+
+fn symmetrised(m: &Mat<f64>) -> Mat<f64> {
+    Mat::from_fn(m.nrows(), m.ncols(), |i, j| 0.5 * (m[(i, j)] + m[(j, i)]))
+}
+
 /// The symmetric square root of a symmetric PSD matrix via its eigendecomposition.
-fn psd_sqrt(m: &DMatrix<f64>) -> DMatrix<f64> {
-    let sym = (m + m.transpose()) * 0.5;
-    let eig = SymmetricEigen::new(sym);
-    let roots = eig.eigenvalues.map(|l| l.max(0.0).sqrt());
-    &eig.eigenvectors * DMatrix::from_diagonal(&roots) * eig.eigenvectors.transpose()
+fn psd_sqrt(m: &Mat<f64>) -> Result<Mat<f64>> {
+    let eig = symmetrised(m)
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(eig_err)?;
+    let (u, s) = (eig.U(), eig.S().column_vector());
+    let scaled = Mat::from_fn(u.nrows(), u.ncols(), |i, j| {
+        u[(i, j)] * s[j].max(0.0).sqrt()
+    });
+    Ok(&scaled * u.transpose())
 }
 
 #[cfg(test)]
