@@ -54,7 +54,7 @@ def main():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (a.batch_size, a.image_size, a.image_size, 3), dtype=np.uint8)
     ts = torch.jit.load(a.weights, map_location="cpu").eval()
-    pfid, _ = pytorch_fid_network({k: v for k, v in ts.state_dict().items()})
+    pfid, _, _ = pytorch_fid_network({k: v for k, v in ts.state_dict().items()})
     import pytorch_fid.inception as pfi
     pfid_full = pfi.InceptionV3([3], resize_input=True, normalize_input=True).eval()
     pfid_full.load_state_dict(pfid.state_dict())

