@@ -109,6 +109,99 @@ def random_weights(cfg, gen):
     return w
 
 
+def design_forward(w, cfg, x, t, y, design):
+    """The DiT forward pass in each block design of §3.2 / Figure 3 of the paper (adaln-zero is
+    dit_forward's): adaLN without gates; cross-attention blocks (LayerNorm, self-attention,
+    LayerNorm, cross-attention to [t_emb, y_emb], LayerNorm, MLP) with an affine LayerNorm before
+    the final linear; in-context ([t_emb, y_emb] prepended as tokens, dropped at the end)."""
+    D, p, H = cfg["hidden"], cfg["patch"], cfg["heads"]
+    N, C, Hh, Ww = x.shape
+    h = F.conv2d(x, w["x_embedder.proj.weight"], w["x_embedder.proj.bias"], stride=p)
+    h = h.flatten(2).transpose(1, 2) + w["pos_embed"]
+    te = F.linear(t_features(t), w["t_embedder.mlp.0.weight"], w["t_embedder.mlp.0.bias"])
+    te = F.linear(F.silu(te), w["t_embedder.mlp.2.weight"], w["t_embedder.mlp.2.bias"])
+    ye = w["y_embedder.embedding_table.weight"][y]
+    c, tokens = te + ye, torch.stack([te, ye], 1)
+    lin = lambda z, n: F.linear(z, w[n + ".weight"], w[n + ".bias"])
+    ln = lambda z, n=None: F.layer_norm(z, (D,), None if n is None else w[n + ".weight"],
+                                        None if n is None else w[n + ".bias"], eps=1e-6)
+    heads = lambda z: z.reshape(N, z.shape[1], H, D // H).transpose(1, 2)
+    merge = lambda z: z.transpose(1, 2).reshape(N, -1, D)
+
+    def self_attn(a, b):
+        q, k, v = lin(a, b + "attn.qkv").chunk(3, dim=-1)
+        return lin(merge(F.scaled_dot_product_attention(heads(q), heads(k), heads(v))), b + "attn.proj")
+
+    mlp = lambda a, b: lin(F.gelu(lin(a, b + "mlp.fc1"), approximate="tanh"), b + "mlp.fc2")
+    if design == "in-context":
+        h = torch.cat([tokens, h], 1)
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}."
+        if design == "adaln":
+            m = lin(F.silu(c), b + "adaLN_modulation.1").chunk(4, dim=1)
+            h = h + self_attn(modulate(ln(h), m[0], m[1]), b)
+            h = h + mlp(modulate(ln(h), m[2], m[3]), b)
+        elif design == "cross-attention":
+            h = h + self_attn(ln(h, b + "norm1"), b)
+            q = heads(lin(ln(h, b + "norm2"), b + "cross_attn.q"))
+            k, v = lin(tokens, b + "cross_attn.kv").chunk(2, dim=-1)
+            h = h + lin(merge(F.scaled_dot_product_attention(q, heads(k), heads(v))), b + "cross_attn.proj")
+            h = h + mlp(ln(h, b + "norm3"), b)
+        else:
+            h = h + self_attn(ln(h, b + "norm1"), b)
+            h = h + mlp(ln(h, b + "norm2"), b)
+    if design == "in-context":
+        h = h[:, 2:]
+    if design == "adaln":
+        m = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+        h = modulate(ln(h), m[0], m[1])
+    else:
+        h = ln(h, "final_layer.norm_final")
+    h = lin(h, "final_layer.linear")
+    oc, g = cfg["out_channels"], Hh // p
+    h = h.reshape(N, g, g, p, p, oc)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(N, oc, g * p, g * p)
+
+
+def design_weights(cfg, design, gen):
+    """random_weights, with each design's block tensors in place of adaLN-Zero's."""
+    w = random_weights(cfg, gen)
+    D = cfg["hidden"]
+    rnd = lambda *s: torch.randn(s, generator=gen) / math.sqrt(s[-1]) if len(s) > 1 else torch.randn(s, generator=gen) * 0.05
+    norm = lambda n: {n + ".weight": 1.0 + 0.2 * torch.randn(D, generator=gen), n + ".bias": 0.2 * torch.randn(D, generator=gen)}
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}."
+        del w[b + "adaLN_modulation.1.weight"], w[b + "adaLN_modulation.1.bias"]
+        if design == "adaln":
+            w[b + "adaLN_modulation.1.weight"], w[b + "adaLN_modulation.1.bias"] = rnd(4 * D, D), rnd(4 * D)
+        elif design == "cross-attention":
+            for n in ["norm1", "norm2", "norm3"]:
+                w |= norm(b + n)
+            for n, o in [("q", D), ("kv", 2 * D), ("proj", D)]:
+                w[b + f"cross_attn.{n}.weight"], w[b + f"cross_attn.{n}.bias"] = rnd(o, D), rnd(o)
+        else:
+            w |= norm(b + "norm1") | norm(b + "norm2")
+    if design != "adaln":
+        del w["final_layer.adaLN_modulation.1.weight"], w["final_layer.adaLN_modulation.1.bias"]
+        w |= norm("final_layer.norm_final")
+    return w
+
+
+def block_designs_fixture(gen):
+    """block_designs.safetensors: for adaln, cross-attention and in-context, random weights
+    (`{design}/{tensor}`) and the forward pass of a tiny model on one input."""
+    cfg = dict(depth=2, hidden=64, heads=4, patch=2, in_channels=4, out_channels=8, classes=10, latent=8)
+    x = torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.tensor([3, 500, 999])
+    y = torch.tensor([1, 7, 10])  # the last one is the null class
+    f = {"x": x, "t": t, "y": y}
+    for design in ["adaln", "cross-attention", "in-context"]:
+        w = design_weights(cfg, design, gen)
+        f |= {f"{design}/{k}": v for k, v in w.items()}
+        f[f"{design}/out"] = design_forward(w, cfg, x, t, y, design)
+    save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "block_designs.safetensors"))
+
+
 # ---------------------------------------------------------------- cross-check with diffusers
 def check_against_diffusers(w, cfg, x, t, y, ours):
     from diffusers import DiTTransformer2DModel
@@ -380,4 +473,5 @@ if __name__ == "__main__":
     save_file({f"map{s}": torch.tensor(Diffusion(s).map, dtype=torch.int64) for s in (250, 50, 27)}
               | {f"betas{s}": torch.tensor(Diffusion(s).betas) for s in (250, 50, 27)},
               os.path.join(OUT, "respacing.safetensors"))
+    block_designs_fixture(gen)
     print("fixtures written to", os.path.abspath(OUT))

@@ -74,6 +74,9 @@ enum Command {
         all: bool,
         #[arg(long, default_value_t = 256)]
         image_size: usize,
+        /// Block designs to cost (§3.2 of the paper), comma-separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "ada-ln-zero")]
+        block: Vec<train::BlockArg>,
     },
     /// Encode an image folder with the VAE into a latent store for training.
     ExtractLatents(extract::ExtractArgs),
@@ -130,7 +133,8 @@ fn run(command: Command, device: &candle_core::Device) -> anyhow::Result<()> {
             model,
             all,
             image_size,
-        } => flops(&model, all, image_size),
+            block,
+        } => flops(&model, all, image_size, &block),
         Command::PlotLoss { log, out } => train::plot_loss(&log, &out).map(|()| {
             println!("wrote {}", out.display());
         }),
@@ -195,7 +199,12 @@ fn convert_inception(
     Ok(())
 }
 
-fn flops(models: &[String], all: bool, image_size: usize) -> anyhow::Result<()> {
+fn flops(
+    models: &[String],
+    all: bool,
+    image_size: usize,
+    blocks: &[train::BlockArg],
+) -> anyhow::Result<()> {
     let configs: Vec<(String, dit::DiTConfig)> = if all || !models.is_empty() {
         let names = if all {
             dit::DiTConfig::names()
@@ -209,11 +218,25 @@ fn flops(models: &[String], all: bool, image_size: usize) -> anyhow::Result<()> 
     } else {
         vec![("embedded (MNIST, 28 px)".into(), dit::builtin::config()?)]
     };
-    println!("{:24} {:>10} {:>14}", "model", "Gflops", "parameters");
+    println!(
+        "{:24} {:16} {:>10} {:>14}",
+        "model", "block", "Gflops", "parameters"
+    );
     for (name, cfg) in configs {
-        let macs = dit::eval::flops::forward_macs(&cfg);
-        let params = dit::checkpoint::parameter_count(&cfg);
-        println!("{name:24} {:>10.2} {:>14}", macs.gflops(), params);
+        for &b in blocks {
+            let cfg = dit::DiTConfig {
+                block: b.into(),
+                ..cfg.clone()
+            };
+            let macs = dit::eval::flops::forward_macs(&cfg);
+            let params = dit::checkpoint::parameter_count(&cfg);
+            let design = format!("{:?}", cfg.block);
+            println!(
+                "{name:24} {design:16} {:>10.2} {:>14}",
+                macs.gflops(),
+                params
+            );
+        }
     }
     Ok(())
 }

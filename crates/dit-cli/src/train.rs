@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
+use dit::config::BlockDesign;
 use dit::data::TrainingSet;
 use dit::diffusion::{LossKind, Prediction, Schedule};
 use dit::rng::NoiseRng;
@@ -26,6 +27,26 @@ pub enum PredictionArg {
     Eps,
     X0,
     V,
+}
+
+/// The block designs of §3.2 of the paper.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum BlockArg {
+    AdaLnZero,
+    AdaLn,
+    CrossAttention,
+    InContext,
+}
+
+impl From<BlockArg> for BlockDesign {
+    fn from(b: BlockArg) -> Self {
+        match b {
+            BlockArg::AdaLnZero => BlockDesign::AdaLnZero,
+            BlockArg::AdaLn => BlockDesign::AdaLn,
+            BlockArg::CrossAttention => BlockDesign::CrossAttention,
+            BlockArg::InContext => BlockDesign::InContext,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -58,6 +79,10 @@ pub struct TrainArgs {
     /// What a new model predicts (DiT: eps).
     #[arg(long, value_enum, default_value = "eps")]
     prediction: PredictionArg,
+    /// How a new model's blocks are conditioned on timestep and class (§3.2 of the paper; the
+    /// released models use ada-ln-zero).
+    #[arg(long, value_enum, default_value = "ada-ln-zero")]
+    block: BlockArg,
     /// Regression loss on the prediction (the paper: mse; the VB term is added either way).
     #[arg(long, value_enum, default_value = "mse")]
     loss: LossArg,
@@ -330,6 +355,7 @@ fn initial_weights(
         Some(name) => {
             let mut cfg = DiTConfig::named(name, size * 8)?;
             (cfg.in_channels, cfg.input_size, cfg.num_classes) = (channels, size, num_classes);
+            cfg.block = a.block.into();
             cfg
         }
         None => DiTConfig {
@@ -344,6 +370,7 @@ fn initial_weights(
             learn_sigma: true,
             schedule: Default::default(),
             prediction: Default::default(),
+            block: a.block.into(),
         },
     };
     let model = with_target(model, a);

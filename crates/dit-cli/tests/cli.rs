@@ -591,6 +591,24 @@ fn flops_prints_the_papers_numbers() {
         "{stdout}"
     );
     fails_with(&dit(&["flops", "--model", "DiT-M/3"]), "unknown model");
+    // §3.2's designs: cross-attention 137.62 Gflops for DiT-XL/2.
+    let out = dit(&[
+        "flops",
+        "--model",
+        "DiT-XL/2",
+        "--block",
+        "cross-attention,in-context",
+    ]);
+    succeeds(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("CrossAttention") && stdout.contains("137.6"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("InContext") && stdout.contains("119.3"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -821,6 +839,60 @@ fn gpu_requests_in_a_cpu_build_are_clear_errors() {
         .output()
         .unwrap();
     fails_with(&worker, "DIT_RANK 5 is not below DIT_WORLD_SIZE 2");
+}
+
+/// Each block design of §3.2 trains, checkpoints (its design in state.json), samples from the
+/// checkpoint, and converts to safetensors with its config.
+#[test]
+fn block_designs_train_sample_and_convert() {
+    let dir = tempfile::tempdir().unwrap();
+    for design in ["ada-ln", "cross-attention", "in-context"] {
+        let out = dir.path().join(design);
+        succeeds(&train_tiny(&[
+            "--block",
+            design,
+            "--out",
+            p(&out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--ckpt-every",
+            "2",
+            "--sample-every",
+            "0",
+        ]));
+        let ckpt = out.join("step-0000002");
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap())
+                .unwrap();
+        assert_eq!(state["model"]["block"], design);
+        let png = dir.path().join(format!("{design}.png"));
+        let sample = |ckpt: &Path| {
+            succeeds(&dit(&[
+                "sample",
+                "--ckpt",
+                p(ckpt),
+                "--steps",
+                "2",
+                "--labels",
+                "3",
+                "--out",
+                p(&png),
+            ]))
+        };
+        sample(&ckpt);
+        // Exported: weights plus the config beside them (tests/parity.rs checks that bare
+        // weights are recognised by their names).
+        let st = dir.path().join(format!("{design}.safetensors"));
+        succeeds(&dit(&["convert", p(&ckpt), p(&st)]));
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(st.with_extension("json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["block"], design);
+        sample(&st);
+    }
+    fails_with(&train_tiny(&["--block", "sideways"]), "sideways");
 }
 
 /// The FID Inception weights if fetched (tools/fetch-inception.sh); `.ci/run` requires them.

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::DiTConfig;
+use crate::config::{BlockDesign, DiTConfig};
 use crate::model::DiT;
 use crate::{Error, Result};
 
@@ -142,6 +142,19 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
             Error::Checkpoint("checkpoint has no pos_embed: give the image size".into())
         })?,
     };
+    // The block design shows in the first block's tensors.
+    let block = if t.contains_key("blocks.0.cross_attn.q.weight") {
+        BlockDesign::CrossAttention
+    } else if let Some(m) = t.get("blocks.0.adaLN_modulation.1.weight") {
+        match m.dim(0)? / hidden_size {
+            4 => BlockDesign::AdaLn,
+            _ => BlockDesign::AdaLnZero,
+        }
+    } else if t.contains_key("blocks.0.norm1.weight") {
+        BlockDesign::InContext
+    } else {
+        BlockDesign::AdaLnZero // validation names what is missing
+    };
     let cfg = DiTConfig {
         input_size: latent_size.unwrap_or(input_size),
         patch_size,
@@ -154,6 +167,7 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
         learn_sigma: out == 2 * in_channels,
         schedule: Default::default(),
         prediction: Default::default(),
+        block,
     };
     cfg.validate()?;
     Ok(cfg)
@@ -182,15 +196,37 @@ pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
         v.push((format!("{name}.weight"), vec![out, inp]));
         v.push((format!("{name}.bias"), vec![out]));
     };
+    let norm = |v: &mut Vec<(String, Vec<usize>)>, name: String| {
+        v.push((format!("{name}.weight"), vec![d]));
+        v.push((format!("{name}.bias"), vec![d]));
+    };
     for i in 0..cfg.depth {
         let b = format!("blocks.{i}");
         linear(&mut v, format!("{b}.attn.qkv"), 3 * d, d);
         linear(&mut v, format!("{b}.attn.proj"), d, d);
         linear(&mut v, format!("{b}.mlp.fc1"), m, d);
         linear(&mut v, format!("{b}.mlp.fc2"), d, m);
-        linear(&mut v, format!("{b}.adaLN_modulation.1"), 6 * d, d);
+        match cfg.block {
+            BlockDesign::AdaLnZero => linear(&mut v, format!("{b}.adaLN_modulation.1"), 6 * d, d),
+            BlockDesign::AdaLn => linear(&mut v, format!("{b}.adaLN_modulation.1"), 4 * d, d),
+            BlockDesign::CrossAttention => {
+                for n in ["norm1", "norm2", "norm3"] {
+                    norm(&mut v, format!("{b}.{n}"));
+                }
+                linear(&mut v, format!("{b}.cross_attn.q"), d, d);
+                linear(&mut v, format!("{b}.cross_attn.kv"), 2 * d, d);
+                linear(&mut v, format!("{b}.cross_attn.proj"), d, d);
+            }
+            BlockDesign::InContext => {
+                norm(&mut v, format!("{b}.norm1"));
+                norm(&mut v, format!("{b}.norm2"));
+            }
+        }
     }
-    linear(&mut v, "final_layer.adaLN_modulation.1".into(), 2 * d, d);
+    match cfg.block.uses_ada_ln() {
+        true => linear(&mut v, "final_layer.adaLN_modulation.1".into(), 2 * d, d),
+        false => norm(&mut v, "final_layer.norm_final".into()),
+    }
     linear(
         &mut v,
         "final_layer.linear".into(),

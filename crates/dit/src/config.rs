@@ -26,6 +26,43 @@ pub struct DiTConfig {
     /// What its output predicts (DiT: eps).
     #[serde(default)]
     pub prediction: crate::diffusion::Prediction,
+    /// How the timestep and class reach the blocks (DiT: adaLN-Zero).
+    #[serde(default)]
+    pub block: BlockDesign,
+}
+
+/// The four ways §3.2 and Figure 3 of the paper condition a transformer block on the timestep
+/// embedding t and the class embedding y.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockDesign {
+    /// adaLN with zero-initialised gates on both residual branches: each block starts as the
+    /// identity (the paper's choice and the released models).
+    #[default]
+    AdaLnZero,
+    /// LayerNorm's shift and scale regressed from c = t + y (no gates).
+    AdaLn,
+    /// [t, y] as a separate two-token sequence, attended to by a cross-attention layer after
+    /// self-attention (about 15% more Gflops).
+    CrossAttention,
+    /// t and y appended to the image tokens as two extra tokens (standard ViT blocks), dropped
+    /// before the final layer.
+    InContext,
+}
+
+impl BlockDesign {
+    /// Whether the blocks and the final layer are modulated by adaLN.
+    pub fn uses_ada_ln(self) -> bool {
+        matches!(self, Self::AdaLnZero | Self::AdaLn)
+    }
+
+    /// Extra tokens the blocks see besides the image's.
+    pub fn extra_tokens(self) -> usize {
+        match self {
+            Self::InContext => 2,
+            _ => 0,
+        }
+    }
 }
 
 /// (name, depth, hidden, heads) of the paper's model sizes (Table 1).
@@ -75,6 +112,7 @@ impl DiTConfig {
             learn_sigma: true,
             schedule: Default::default(),
             prediction: Default::default(),
+            block: Default::default(),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -243,6 +243,7 @@ mod tests {
             learn_sigma: true,
             schedule: Default::default(),
             prediction: Default::default(),
+            block: Default::default(),
         };
         let mut rng = NoiseRng::new(9);
         let tensors = crate::checkpoint::expected_shapes(&cfg)

@@ -169,6 +169,40 @@ fn bf16_forward_and_sampling_stay_close_to_f32() {
     assert!(e < 2e-2, "bf16 DDIM rel L2 {e}");
 }
 
+/// The paper's other block designs (§3.2, Figure 3) against the torch implementation of
+/// tools/make_fixtures.py, each inferred from its tensor names, and each validated against its
+/// own tensor list (a design's weights do not load as another design).
+#[test]
+fn block_designs_match_torch() {
+    use dit::config::BlockDesign;
+    let f = load("block_designs.safetensors");
+    let y = f["y"].to_dtype(DType::U32).unwrap();
+    for (name, design) in [
+        ("adaln", BlockDesign::AdaLn),
+        ("cross-attention", BlockDesign::CrossAttention),
+        ("in-context", BlockDesign::InContext),
+    ] {
+        let prefix = format!("{name}/");
+        let tensors: checkpoint::Tensors = f
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v.clone())))
+            .filter(|(k, _)| k != "out")
+            .collect();
+        let mut cfg = checkpoint::infer_config(&tensors, None).unwrap();
+        assert_eq!(cfg.block, design, "{name} inferred from its tensors");
+        cfg.num_heads = 4;
+        let other = dit::DiTConfig {
+            block: BlockDesign::AdaLnZero,
+            ..cfg.clone()
+        };
+        assert!(checkpoint::validate(&other, &tensors).is_err(), "{name}");
+        let model = checkpoint::build_model(&cfg, tensors, DType::F32, &dev()).unwrap();
+        let out = model.forward(&f["x"], &f["t"], &y).unwrap();
+        let e = rel_l2(&out, &f[&format!("{name}/out")]);
+        assert!(e < 1e-5, "{name} forward rel L2 {e}");
+    }
+}
+
 #[test]
 fn respacing_visits_the_reference_timesteps() {
     let f = load("respacing.safetensors");

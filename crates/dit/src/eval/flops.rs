@@ -2,7 +2,7 @@
 //! product (patch-embedding convolution, linears, the two attention products), as the paper
 //! counts Gflops. Normalisations, activations and the softmax are not counted (nor were they).
 
-use crate::config::DiTConfig;
+use crate::config::{BlockDesign, DiTConfig};
 
 /// Multiply-accumulates of one forward pass of one sample, by part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,16 +33,30 @@ pub fn forward_macs(cfg: &DiTConfig) -> ForwardMacs {
     let m = cfg.mlp_hidden() as u64;
     // Timestep MLP (256 frequencies -> D -> D); the label lookup costs nothing.
     let conditioning = 256 * d + d * d;
-    let block = 6 * d * d // adaLN modulation, once per sample
-        + t * 3 * d * d   // qkv
-        + 2 * t * t * d   // q k^T and attention x v over all heads
-        + t * d * d       // output projection
-        + 2 * t * d * m; // MLP
+    // Tokens the blocks process: in-context conditioning adds two.
+    let n = t + cfg.block.extra_tokens() as u64;
+    let design = match cfg.block {
+        BlockDesign::AdaLnZero => 6 * d * d, // adaLN modulation, once per sample
+        BlockDesign::AdaLn => 4 * d * d,
+        // q from every token, k and v from the 2 condition tokens, both products, projection.
+        BlockDesign::CrossAttention => n * d * d + 2 * 2 * d * d + 2 * n * 2 * d + n * d * d,
+        BlockDesign::InContext => 0,
+    };
+    let block = design
+        + n * 3 * d * d   // qkv
+        + 2 * n * n * d   // q k^T and attention x v over all heads
+        + n * d * d       // output projection
+        + 2 * n * d * m; // MLP
+    let final_modulation = if cfg.block.uses_ada_ln() {
+        2 * d * d
+    } else {
+        0
+    };
     ForwardMacs {
         patch_embed: t * d * cfg.in_channels as u64 * p * p,
         conditioning,
         blocks: cfg.depth as u64 * block,
-        final_layer: 2 * d * d + t * d * p * p * cfg.out_channels() as u64,
+        final_layer: final_modulation + t * d * p * p * cfg.out_channels() as u64,
     }
 }
 
@@ -76,5 +90,29 @@ mod tests {
         let params =
             crate::checkpoint::parameter_count(&DiTConfig::named("DiT-XL/2", 256).unwrap());
         assert!((params as f64 - 675e6).abs() < 0.01 * 675e6, "{params}");
+    }
+
+    #[test]
+    fn block_designs_cost_what_section_3_2_reports() {
+        // DiT-XL/2: cross-attention 137.62 Gflops vs adaLN-Zero's 118.64 (the paper, §3.2 and
+        // Figure 5); in-context adds two tokens (~0.8%); adaLN drops the gates' third of the
+        // modulation.
+        let gflops = |block| {
+            let cfg = DiTConfig {
+                block,
+                ..DiTConfig::named("DiT-XL/2", 256).unwrap()
+            };
+            forward_macs(&cfg).gflops()
+        };
+        let zero = gflops(BlockDesign::AdaLnZero);
+        let cross = gflops(BlockDesign::CrossAttention);
+        assert!((cross - 137.62).abs() < 0.01 * 137.62, "{cross}");
+        let in_context = gflops(BlockDesign::InContext);
+        assert!(
+            in_context > zero && in_context < 1.01 * zero,
+            "{in_context}"
+        );
+        let ada_ln = gflops(BlockDesign::AdaLn);
+        assert!(ada_ln < zero && ada_ln > 0.99 * zero, "{ada_ln}");
     }
 }

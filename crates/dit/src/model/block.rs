@@ -1,10 +1,16 @@
-//! The DiT block with adaLN-Zero (Figure 3 of the paper) and the final adaLN layer.
+//! The DiT block and final layer, in the four designs of Figure 3 of the paper.
 //!
-//! The conditioning vector c = t_emb + y_emb regresses, through SiLU + Linear, a shift, a scale
-//! and a gate for each of the two residual branches. The gates are zero-initialised, so every
-//! block starts as the identity.
+//! - adaLN-Zero (the paper's choice): the conditioning vector c = t_emb + y_emb regresses,
+//!   through SiLU + Linear, a shift, a scale and a gate for each of the two residual branches.
+//!   The gates are zero-initialised, so every block starts as the identity.
+//! - adaLN: the same shift and scale, no gates.
+//! - Cross-attention: LayerNorm blocks with a cross-attention layer after self-attention, over
+//!   the two-token sequence [t_emb, y_emb].
+//! - In-context: plain ViT blocks; [t_emb, y_emb] travel as two extra tokens.
 
 use candle_core::{Module, Result, Tensor, D};
+
+use crate::config::BlockDesign;
 use candle_nn::VarBuilder;
 
 use crate::gemm_bf16::{linear, Linear};
@@ -65,58 +71,228 @@ impl Module for Mlp {
     }
 }
 
-/// One DiT block with adaLN-Zero conditioning.
+/// LayerNorm with a learned affine (`norm1`, `norm2`, `norm3`, `norm_final`; eps 1e-6) for the
+/// designs without adaLN. It runs through the fused adaLN kernel with shift = bias and
+/// scale = weight - 1 for every sample, which is the same function.
+#[derive(Debug, Clone)]
+pub struct AffineLayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl AffineLayerNorm {
+    pub fn new(hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(hidden, "weight")?,
+            bias: vb.get(hidden, "bias")?,
+        })
+    }
+}
+
+impl Module for AffineLayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, d) = (x.dim(0)?, self.bias.dim(0)?);
+        let per_sample = |v: &Tensor| v.unsqueeze(0)?.broadcast_as((n, d))?.contiguous();
+        norm_modulate(
+            x,
+            &per_sample(&self.bias)?,
+            &per_sample(&(&self.weight - 1.0)?)?,
+        )
+    }
+}
+
+/// Multi-head cross-attention: queries from the tokens x, keys and values from a context
+/// sequence (`q`, `kv`, `proj`), with an optional mask of the context positions to attend to.
+#[derive(Debug, Clone)]
+pub struct CrossAttention {
+    q: Linear,
+    kv: Linear,
+    proj: Linear,
+    num_heads: usize,
+}
+
+impl CrossAttention {
+    pub fn new(hidden: usize, context: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            q: linear(hidden, hidden, vb.pp("q"))?,
+            kv: linear(context, 2 * hidden, vb.pp("kv"))?,
+            proj: linear(hidden, hidden, vb.pp("proj"))?,
+            num_heads,
+        })
+    }
+
+    /// x: (N, T, D), context: (N, S, C), mask: (N, S) with 1 where attended, 0 for padding.
+    pub fn forward(&self, x: &Tensor, context: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (n, t, d) = x.dims3()?;
+        let (s, h) = (context.dim(1)?, self.num_heads);
+        let dh = d / h;
+        let q = self.q.forward(x)?.reshape((n, t, h, dh))?.transpose(1, 2)?;
+        let kv = self.kv.forward(context)?.reshape((n, s, 2, h, dh))?;
+        let kv = kv.permute((2, 0, 3, 1, 4))?; // (2, N, heads, S, dh)
+        let (k, v) = (kv.get(0)?.contiguous()?, kv.get(1)?.contiguous()?);
+        let mut scores = (q.contiguous()?.matmul(&k.t()?)? * (dh as f64).powf(-0.5))?;
+        if let Some(m) = mask {
+            // Padded positions get -1e9 before the softmax: exp underflows to exactly 0.
+            let bias = ((m.to_dtype(scores.dtype())? - 1.0)? * 1e9)?.reshape((n, 1, 1, s))?;
+            scores = scores.broadcast_add(&bias)?;
+        }
+        // The composite softmax: candle's fused softmax_last_dim has no backward pass.
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// What a block is conditioned on: c = t_emb + y_emb (adaLN designs) and the two-token sequence
+/// [t_emb, y_emb] (cross-attention).
+pub struct Condition<'a> {
+    pub c: &'a Tensor,
+    pub tokens: &'a Tensor,
+}
+
+/// The design-specific part of a block.
+#[derive(Debug, Clone)]
+enum Conditioning {
+    AdaLn {
+        modulation: Linear,
+        gated: bool,
+    },
+    CrossAttention {
+        norms: [AffineLayerNorm; 3],
+        cross: Box<CrossAttention>,
+    },
+    InContext {
+        norms: [AffineLayerNorm; 2],
+    },
+}
+
+/// One DiT block: self-attention and MLP, conditioned as its design says.
 #[derive(Debug, Clone)]
 pub struct DiTBlock {
     attn: Attention,
     mlp: Mlp,
-    ada_ln: Linear,
+    cond: Conditioning,
 }
 
 impl DiTBlock {
-    pub fn new(hidden: usize, num_heads: usize, mlp_hidden: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        design: BlockDesign,
+        hidden: usize,
+        num_heads: usize,
+        mlp_hidden: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let norm = |name: &str| AffineLayerNorm::new(hidden, vb.pp(name));
+        let cond = match design {
+            BlockDesign::AdaLnZero | BlockDesign::AdaLn => {
+                let gated = design == BlockDesign::AdaLnZero;
+                let chunks = if gated { 6 } else { 4 };
+                Conditioning::AdaLn {
+                    modulation: linear(hidden, chunks * hidden, vb.pp("adaLN_modulation.1"))?,
+                    gated,
+                }
+            }
+            BlockDesign::CrossAttention => Conditioning::CrossAttention {
+                norms: [norm("norm1")?, norm("norm2")?, norm("norm3")?],
+                cross: Box::new(CrossAttention::new(
+                    hidden,
+                    hidden,
+                    num_heads,
+                    vb.pp("cross_attn"),
+                )?),
+            },
+            BlockDesign::InContext => Conditioning::InContext {
+                norms: [norm("norm1")?, norm("norm2")?],
+            },
+        };
         Ok(Self {
             attn: Attention::new(hidden, num_heads, vb.pp("attn"))?,
             mlp: Mlp::new(hidden, mlp_hidden, vb.pp("mlp"))?,
-            ada_ln: linear(hidden, 6 * hidden, vb.pp("adaLN_modulation.1"))?,
+            cond,
         })
     }
 
-    /// x: (N, T, D) tokens, c: (N, D) conditioning.
-    pub fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
-        let m = ada_ln_chunks(&self.ada_ln, c, 6)?;
-        let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
-        let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
-
-        // x + gate * attn(modulate(norm(x))), then the same with the MLP.
-        let h = self
-            .attn
-            .forward(&norm_modulate(x, shift_msa, scale_msa)?)?;
-        let x = gated_residual(x, gate_msa, &h)?;
-        let h = self
-            .mlp
-            .forward(&norm_modulate(&x, shift_mlp, scale_mlp)?)?;
-        gated_residual(&x, gate_mlp, &h)
+    /// x: (N, T, D) tokens.
+    pub fn forward(&self, x: &Tensor, cond: &Condition) -> Result<Tensor> {
+        match &self.cond {
+            Conditioning::AdaLn {
+                modulation,
+                gated: true,
+            } => {
+                let m = ada_ln_chunks(modulation, cond.c, 6)?;
+                let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
+                let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
+                // x + gate * attn(modulate(norm(x))), then the same with the MLP.
+                let h = self
+                    .attn
+                    .forward(&norm_modulate(x, shift_msa, scale_msa)?)?;
+                let x = gated_residual(x, gate_msa, &h)?;
+                let h = self
+                    .mlp
+                    .forward(&norm_modulate(&x, shift_mlp, scale_mlp)?)?;
+                gated_residual(&x, gate_mlp, &h)
+            }
+            Conditioning::AdaLn {
+                modulation,
+                gated: false,
+            } => {
+                let m = ada_ln_chunks(modulation, cond.c, 4)?;
+                let x = (x + self.attn.forward(&norm_modulate(x, &m[0], &m[1])?)?)?;
+                &x + self.mlp.forward(&norm_modulate(&x, &m[2], &m[3])?)?
+            }
+            Conditioning::CrossAttention { norms, cross } => {
+                let x = (x + self.attn.forward(&norms[0].forward(x)?)?)?;
+                let x = (&x + cross.forward(&norms[1].forward(&x)?, cond.tokens, None)?)?;
+                &x + self.mlp.forward(&norms[2].forward(&x)?)?
+            }
+            Conditioning::InContext { norms } => {
+                let x = (x + self.attn.forward(&norms[0].forward(x)?)?)?;
+                &x + self.mlp.forward(&norms[1].forward(&x)?)?
+            }
+        }
     }
 }
 
-/// The final layer: adaLN (shift, scale; no gate), then a linear to p*p*out_channels per token.
+/// The final layer: a norm (adaLN shift and scale in the adaLN designs, an affine LayerNorm
+/// otherwise), then a linear to p*p*out_channels per token.
 #[derive(Debug, Clone)]
 pub struct FinalLayer {
-    ada_ln: Linear,
+    norm: FinalNorm,
     linear: Linear,
 }
 
+#[derive(Debug, Clone)]
+enum FinalNorm {
+    AdaLn(Linear),
+    Affine(AffineLayerNorm),
+}
+
 impl FinalLayer {
-    pub fn new(hidden: usize, patch: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        design: BlockDesign,
+        hidden: usize,
+        patch: usize,
+        out_channels: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let norm = match design.uses_ada_ln() {
+            true => FinalNorm::AdaLn(linear(hidden, 2 * hidden, vb.pp("adaLN_modulation.1"))?),
+            false => FinalNorm::Affine(AffineLayerNorm::new(hidden, vb.pp("norm_final"))?),
+        };
         Ok(Self {
-            ada_ln: linear(hidden, 2 * hidden, vb.pp("adaLN_modulation.1"))?,
+            norm,
             linear: linear(hidden, patch * patch * out_channels, vb.pp("linear"))?,
         })
     }
 
     pub fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
-        let m = ada_ln_chunks(&self.ada_ln, c, 2)?;
-        self.linear.forward(&norm_modulate(x, &m[0], &m[1])?)
+        let h = match &self.norm {
+            FinalNorm::AdaLn(modulation) => {
+                let m = ada_ln_chunks(modulation, c, 2)?;
+                norm_modulate(x, &m[0], &m[1])?
+            }
+            FinalNorm::Affine(norm) => norm.forward(x)?,
+        };
+        self.linear.forward(&h)
     }
 }

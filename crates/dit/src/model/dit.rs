@@ -1,11 +1,12 @@
 //! The Diffusion Transformer: patchify, add positions, condition on timestep + class through
-//! adaLN-Zero blocks, final adaLN layer, unpatchify.
+//! the blocks (adaLN-Zero, or one of the paper's other designs), final layer, unpatchify.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::block::{DiTBlock, FinalLayer};
+use super::block::{Condition, DiTBlock, FinalLayer};
 use super::embed::{sincos_2d, LabelEmbedder, PatchEmbed, TimestepEmbedder};
+use crate::config::BlockDesign;
 use crate::config::DiTConfig;
 
 /// Which output channels classifier-free guidance mixes.
@@ -48,6 +49,7 @@ impl DiT {
         let blocks = (0..c.depth)
             .map(|i| {
                 DiTBlock::new(
+                    c.block,
                     c.hidden_size,
                     c.num_heads,
                     c.mlp_hidden(),
@@ -56,6 +58,7 @@ impl DiT {
             })
             .collect::<Result<Vec<_>>>()?;
         let final_layer = FinalLayer::new(
+            c.block,
             c.hidden_size,
             c.patch_size,
             c.out_channels(),
@@ -92,10 +95,24 @@ impl DiT {
             .x_embedder
             .forward(&x.to_dtype(self.dtype())?)?
             .broadcast_add(&self.pos_embed)?;
-        let c = (self.t_embedder.forward(t)? + self.y_embedder.forward(y)?)?;
-        let mut x = x;
+        let (t_emb, y_emb) = (self.t_embedder.forward(t)?, self.y_embedder.forward(y)?);
+        let c = (&t_emb + &y_emb)?;
+        let tokens = Tensor::stack(&[&t_emb, &y_emb], 1)?; // (N, 2, D)
+        let cond = Condition {
+            c: &c,
+            tokens: &tokens,
+        };
+        let in_context = self.config.block == BlockDesign::InContext;
+        let mut x = match in_context {
+            true => Tensor::cat(&[&tokens, &x], 1)?,
+            false => x,
+        };
         for block in &self.blocks {
-            x = block.forward(&x, &c)?;
+            x = block.forward(&x, &cond)?;
+        }
+        if in_context {
+            let extra = self.config.block.extra_tokens();
+            x = x.narrow(1, extra, x.dim(1)? - extra)?;
         }
         let x = self.final_layer.forward(&x, &c)?;
         self.unpatchify(&x, h / self.config.patch_size, w / self.config.patch_size)
