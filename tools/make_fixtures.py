@@ -202,6 +202,71 @@ def block_designs_fixture(gen):
     save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "block_designs.safetensors"))
 
 
+def gentron_forward(w, cfg, x, t, text, mask, pooled):
+    """A text-conditioned DiT as GenTron (arXiv 2312.04557, §3.2): adaLN-Zero blocks driven by
+    t_emb + MLP(pooled text), and after self-attention x + CrossAttn(LN(x), text tokens) with the
+    padded tokens masked out."""
+    D, p, H = cfg["hidden"], cfg["patch"], cfg["heads"]
+    N, C, Hh, Ww = x.shape
+    lin = lambda z, n: F.linear(z, w[n + ".weight"], w[n + ".bias"])
+    h = F.conv2d(x, w["x_embedder.proj.weight"], w["x_embedder.proj.bias"], stride=p)
+    h = h.flatten(2).transpose(1, 2) + w["pos_embed"]
+    te = lin(F.silu(lin(t_features(t), "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = te + lin(F.silu(lin(pooled, "pooled_embedder.mlp.0")), "pooled_embedder.mlp.2")
+    ln = lambda z, n=None: F.layer_norm(z, (D,), None if n is None else w[n + ".weight"],
+                                        None if n is None else w[n + ".bias"], eps=1e-6)
+    heads = lambda z: z.reshape(N, z.shape[1], H, D // H).transpose(1, 2)
+    merge = lambda z: z.transpose(1, 2).reshape(N, -1, D)
+    keep = mask.bool()[:, None, None, :]
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}."
+        m = lin(F.silu(c), b + "adaLN_modulation.1").chunk(6, dim=1)
+        q, k, v = lin(modulate(ln(h), m[0], m[1]), b + "attn.qkv").chunk(3, dim=-1)
+        o = merge(F.scaled_dot_product_attention(heads(q), heads(k), heads(v)))
+        h = h + m[2].unsqueeze(1) * lin(o, b + "attn.proj")
+        q = heads(lin(ln(h, b + "norm_cross"), b + "cross_attn.q"))
+        k, v = lin(text, b + "cross_attn.kv").chunk(2, dim=-1)
+        o = merge(F.scaled_dot_product_attention(q, heads(k), heads(v), attn_mask=keep))
+        h = h + lin(o, b + "cross_attn.proj")
+        a = F.gelu(lin(modulate(ln(h), m[3], m[4]), b + "mlp.fc1"), approximate="tanh")
+        h = h + m[5].unsqueeze(1) * lin(a, b + "mlp.fc2")
+    m = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    h = lin(modulate(ln(h), m[0], m[1]), "final_layer.linear")
+    oc, g = cfg["out_channels"], Hh // p
+    h = h.reshape(N, g, g, p, p, oc)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(N, oc, g * p, g * p)
+
+
+def gentron_fixture(gen):
+    """gentron.safetensors: a tiny text-conditioned model (text width 48, pooled width 40,
+    7 tokens, the second prompt padded after 4) with every weight random and non-zero, its
+    inputs, and the forward pass; padded positions hold garbage the mask must hide."""
+    cfg = dict(depth=2, hidden=64, heads=4, patch=2, in_channels=4, out_channels=8, classes=10, latent=8)
+    Ctx, P, S = 48, 40, 7
+    w = random_weights(cfg, gen)
+    del w["y_embedder.embedding_table.weight"]
+    D = cfg["hidden"]
+    rnd = lambda *s: torch.randn(s, generator=gen) / math.sqrt(s[-1]) if len(s) > 1 else torch.randn(s, generator=gen) * 0.05
+    w["pooled_embedder.mlp.0.weight"], w["pooled_embedder.mlp.0.bias"] = rnd(D, P), rnd(D)
+    w["pooled_embedder.mlp.2.weight"], w["pooled_embedder.mlp.2.bias"] = rnd(D, D), rnd(D)
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}."
+        w[b + "norm_cross.weight"] = 1.0 + 0.2 * torch.randn(D, generator=gen)
+        w[b + "norm_cross.bias"] = 0.2 * torch.randn(D, generator=gen)
+        for n, o, fan in [("q", D, D), ("kv", 2 * D, Ctx), ("proj", D, D)]:
+            w[b + f"cross_attn.{n}.weight"], w[b + f"cross_attn.{n}.bias"] = rnd(o, fan), rnd(o)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 700])
+    text = torch.randn(2, S, Ctx, generator=gen)
+    mask = torch.tensor([[1] * S, [1] * 4 + [0] * (S - 4)], dtype=torch.float32)
+    text[1, 4:] = 50.0 * torch.randn(S - 4, Ctx, generator=gen)  # garbage under the mask
+    pooled = torch.randn(2, P, generator=gen)
+    out = gentron_forward(w, cfg, x, t, text, mask, pooled)
+    f = {k: v for k, v in w.items()} | {"in.x": x, "in.t": t, "in.text": text, "in.mask": mask,
+                                         "in.pooled": pooled, "in.out": out}
+    save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "gentron.safetensors"))
+
+
 # ---------------------------------------------------------------- cross-check with diffusers
 def check_against_diffusers(w, cfg, x, t, y, ours):
     from diffusers import DiTTransformer2DModel
@@ -474,4 +539,5 @@ if __name__ == "__main__":
               | {f"betas{s}": torch.tensor(Diffusion(s).betas) for s in (250, 50, 27)},
               os.path.join(OUT, "respacing.safetensors"))
     block_designs_fixture(gen)
+    gentron_fixture(gen)
     print("fixtures written to", os.path.abspath(OUT))

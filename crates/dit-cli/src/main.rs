@@ -77,6 +77,10 @@ enum Command {
         /// Block designs to cost (§3.2 of the paper), comma-separated.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "ada-ln-zero")]
         block: Vec<train::BlockArg>,
+        /// GenTron models (`--model GenTron-XL/2,GenTron-G/2`): the text encoder's token width,
+        /// pooled width and padded length (default: CLIP ViT-L/14's 768, 768, 77).
+        #[arg(long, num_args = 3, value_names = ["TOKENS_DIM", "POOLED_DIM", "LENGTH"], default_values_t = [768, 768, 77])]
+        text: Vec<usize>,
     },
     /// Encode an image folder with the VAE into a latent store for training.
     ExtractLatents(extract::ExtractArgs),
@@ -134,7 +138,8 @@ fn run(command: Command, device: &candle_core::Device) -> anyhow::Result<()> {
             all,
             image_size,
             block,
-        } => flops(&model, all, image_size, &block),
+            text,
+        } => flops(&model, all, image_size, &block, &text),
         Command::PlotLoss { log, out } => train::plot_loss(&log, &out).map(|()| {
             println!("wrote {}", out.display());
         }),
@@ -204,7 +209,13 @@ fn flops(
     all: bool,
     image_size: usize,
     blocks: &[train::BlockArg],
+    text: &[usize],
 ) -> anyhow::Result<()> {
+    let text = dit::config::TextConditioning {
+        context_dim: text[0],
+        pooled_dim: text[1],
+        max_tokens: text[2],
+    };
     let configs: Vec<(String, dit::DiTConfig)> = if all || !models.is_empty() {
         let names = if all {
             dit::DiTConfig::names()
@@ -213,7 +224,13 @@ fn flops(
         };
         names
             .into_iter()
-            .map(|n| Ok((n.clone(), dit::DiTConfig::named(&n, image_size)?)))
+            .map(|n| {
+                let cfg = match n.starts_with("GenTron-") {
+                    true => dit::DiTConfig::gentron(&n, image_size, text)?,
+                    false => dit::DiTConfig::named(&n, image_size)?,
+                };
+                Ok((n.clone(), cfg))
+            })
             .collect::<anyhow::Result<_>>()?
     } else {
         vec![("embedded (MNIST, 28 px)".into(), dit::builtin::config()?)]
@@ -224,9 +241,12 @@ fn flops(
     );
     for (name, cfg) in configs {
         for &b in blocks {
-            let cfg = dit::DiTConfig {
-                block: b.into(),
-                ..cfg.clone()
+            let cfg = match cfg.text {
+                Some(_) => cfg.clone(), // GenTron: adaLN-Zero blocks with text cross-attention
+                None => dit::DiTConfig {
+                    block: b.into(),
+                    ..cfg.clone()
+                },
             };
             let macs = dit::eval::flops::forward_macs(&cfg);
             let params = dit::checkpoint::parameter_count(&cfg);

@@ -371,6 +371,7 @@ fn initial_weights(
             schedule: Default::default(),
             prediction: Default::default(),
             block: a.block.into(),
+            text: None,
         },
     };
     let model = with_target(model, a);

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::{BlockDesign, DiTConfig};
+use crate::config::{BlockDesign, DiTConfig, TextConditioning};
 use crate::model::DiT;
 use crate::{Error, Result};
 
@@ -117,7 +117,20 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
         ));
     };
     let (hidden_size, in_channels, patch_size) = (*hidden_size, *in_channels, *patch_size);
-    let rows = dims(t, "y_embedder.embedding_table.weight")?[0];
+    // A text-conditioned (GenTron) model has a pooled-text MLP where a class model has its label
+    // table; the padded text length is not recorded (77, CLIP's, unless a config says).
+    let text = match t.get("pooled_embedder.mlp.0.weight") {
+        Some(p) => Some(TextConditioning {
+            context_dim: dims(t, "blocks.0.cross_attn.kv.weight")?[1],
+            pooled_dim: p.dims()[1],
+            max_tokens: 77,
+        }),
+        None => None,
+    };
+    let rows = match text {
+        Some(_) => 1,
+        None => dims(t, "y_embedder.embedding_table.weight")?[0],
+    };
     let depth = t
         .keys()
         .filter_map(|k| {
@@ -143,7 +156,9 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
         })?,
     };
     // The block design shows in the first block's tensors.
-    let block = if t.contains_key("blocks.0.cross_attn.q.weight") {
+    let block = if text.is_some() {
+        BlockDesign::AdaLnZero
+    } else if t.contains_key("blocks.0.cross_attn.q.weight") {
         BlockDesign::CrossAttention
     } else if let Some(m) = t.get("blocks.0.adaLN_modulation.1.weight") {
         match m.dim(0)? / hidden_size {
@@ -168,6 +183,7 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
         schedule: Default::default(),
         prediction: Default::default(),
         block,
+        text,
     };
     cfg.validate()?;
     Ok(cfg)
@@ -187,10 +203,6 @@ pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
         ("t_embedder.mlp.0.bias".into(), vec![d]),
         ("t_embedder.mlp.2.weight".into(), vec![d, d]),
         ("t_embedder.mlp.2.bias".into(), vec![d]),
-        (
-            "y_embedder.embedding_table.weight".into(),
-            vec![cfg.num_classes + 1, d],
-        ),
     ];
     let linear = |v: &mut Vec<(String, Vec<usize>)>, name: String, out: usize, inp: usize| {
         v.push((format!("{name}.weight"), vec![out, inp]));
@@ -200,6 +212,16 @@ pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
         v.push((format!("{name}.weight"), vec![d]));
         v.push((format!("{name}.bias"), vec![d]));
     };
+    match cfg.text {
+        None => v.push((
+            "y_embedder.embedding_table.weight".into(),
+            vec![cfg.num_classes + 1, d],
+        )),
+        Some(text) => {
+            linear(&mut v, "pooled_embedder.mlp.0".into(), d, text.pooled_dim);
+            linear(&mut v, "pooled_embedder.mlp.2".into(), d, d);
+        }
+    }
     for i in 0..cfg.depth {
         let b = format!("blocks.{i}");
         linear(&mut v, format!("{b}.attn.qkv"), 3 * d, d);
@@ -221,6 +243,17 @@ pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
                 norm(&mut v, format!("{b}.norm1"));
                 norm(&mut v, format!("{b}.norm2"));
             }
+        }
+        if let Some(text) = cfg.text {
+            norm(&mut v, format!("{b}.norm_cross"));
+            linear(&mut v, format!("{b}.cross_attn.q"), d, d);
+            linear(
+                &mut v,
+                format!("{b}.cross_attn.kv"),
+                2 * d,
+                text.context_dim,
+            );
+            linear(&mut v, format!("{b}.cross_attn.proj"), d, d);
         }
     }
     match cfg.block.uses_ada_ln() {

@@ -29,6 +29,23 @@ pub struct DiTConfig {
     /// How the timestep and class reach the blocks (DiT: adaLN-Zero).
     #[serde(default)]
     pub block: BlockDesign,
+    /// Text conditioning (GenTron) instead of classes: `num_classes` is then 0.
+    #[serde(default)]
+    pub text: Option<TextConditioning>,
+}
+
+/// GenTron's text conditioning (arXiv 2312.04557, §3.2): in every adaLN-Zero block a
+/// cross-attention layer after self-attention, image tokens querying the text encoder's tokens
+/// (padded ones masked out); the pooled text embedding, through an MLP, is added to the
+/// timestep embedding that drives adaLN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextConditioning {
+    /// Width of the text encoder's token embeddings (CLIP-L 768, T5-XXL 4096, MiniLM 384).
+    pub context_dim: usize,
+    /// Width of its pooled embedding.
+    pub pooled_dim: usize,
+    /// Text tokens per prompt (the encoder's padded length; used for costing).
+    pub max_tokens: usize,
 }
 
 /// The four ways §3.2 and Figure 3 of the paper condition a transformer block on the timestep
@@ -73,7 +90,44 @@ const SIZES: [(&str, usize, usize, usize); 4] = [
     ("XL", 28, 1152, 16),
 ];
 
+/// (name, depth, hidden, MLP width) of GenTron's text-to-image models (Table 1 of the GenTron
+/// paper). Heads are not given there: 72-wide (XL, as DiT-XL's) and 104-wide (G) heads, 16 each.
+const GENTRON_SIZES: [(&str, usize, usize, usize); 2] = [
+    ("GenTron-XL/2", 28, 1152, 4608),
+    ("GenTron-G/2", 48, 1664, 6656),
+];
+
 impl DiTConfig {
+    /// A GenTron text-to-image config (`GenTron-XL/2`, `GenTron-G/2`) on SD-VAE latents of
+    /// `image_size` pixels, for a text encoder of these widths and padded length.
+    pub fn gentron(name: &str, image_size: usize, text: TextConditioning) -> Result<Self> {
+        let &(_, depth, hidden_size, mlp) = GENTRON_SIZES
+            .iter()
+            .find(|(n, ..)| *n == name)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown GenTron model '{name}'; known: GenTron-XL/2, GenTron-G/2"
+                ))
+            })?;
+        let cfg = Self {
+            input_size: latent_size(image_size)?,
+            patch_size: 2,
+            in_channels: 4,
+            hidden_size,
+            depth,
+            num_heads: 16,
+            mlp_ratio: mlp as f64 / hidden_size as f64,
+            num_classes: 0,
+            learn_sigma: true,
+            schedule: Default::default(),
+            prediction: Default::default(),
+            block: BlockDesign::AdaLnZero,
+            text: Some(text),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// The twelve names of the paper, `DiT-S/2` … `DiT-XL/8`.
     pub fn names() -> Vec<String> {
         SIZES
@@ -113,6 +167,7 @@ impl DiTConfig {
             schedule: Default::default(),
             prediction: Default::default(),
             block: Default::default(),
+            text: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -170,8 +225,23 @@ impl DiTConfig {
                 self.hidden_size
             ));
         }
-        if self.depth == 0 || self.in_channels == 0 || self.num_classes == 0 {
-            return bad("depth, in-channels and number of classes must be positive".into());
+        if self.depth == 0 || self.in_channels == 0 {
+            return bad("depth and in-channels must be positive".into());
+        }
+        match self.text {
+            None if self.num_classes == 0 => {
+                return bad("a class-conditional model needs at least one class".into())
+            }
+            Some(_) if self.num_classes != 0 => {
+                return bad("a text-conditioned model has no classes (num_classes 0)".into())
+            }
+            Some(_) if self.block != BlockDesign::AdaLnZero => {
+                return bad("text conditioning is built on adaLN-Zero blocks (GenTron)".into())
+            }
+            Some(t) if t.context_dim == 0 || t.pooled_dim == 0 || t.max_tokens == 0 => {
+                return bad("text widths and token count must be positive".into())
+            }
+            _ => {}
         }
         Ok(())
     }

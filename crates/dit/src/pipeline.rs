@@ -244,6 +244,7 @@ mod tests {
             schedule: Default::default(),
             prediction: Default::default(),
             block: Default::default(),
+            text: None,
         };
         let mut rng = NoiseRng::new(9);
         let tensors = crate::checkpoint::expected_shapes(&cfg)

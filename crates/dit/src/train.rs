@@ -34,9 +34,13 @@ pub fn reference_init(cfg: &DiTConfig, rng: &mut NoiseRng) -> Result<Tensors> {
         } else if name.ends_with(".bias")
             || name.contains("adaLN_modulation")
             || name.starts_with("final_layer.linear")
+            // GenTron's text cross-attention starts closed: the block is its image self.
+            || (cfg.text.is_some() && name.contains("cross_attn.proj"))
         {
             zeros
-        } else if name == "y_embedder.embedding_table.weight" || name.starts_with("t_embedder.mlp")
+        } else if name == "y_embedder.embedding_table.weight"
+            || name.starts_with("t_embedder.mlp")
+            || name.starts_with("pooled_embedder.mlp")
         {
             (rng.randn_like(&zeros)? * 0.02)?
         } else {
@@ -528,6 +532,7 @@ mod tests {
             schedule: Default::default(),
             prediction: Default::default(),
             block: Default::default(),
+            text: None,
         }
     }
 

@@ -203,6 +203,75 @@ fn block_designs_match_torch() {
     }
 }
 
+/// GenTron's text conditioning against the torch implementation of tools/make_fixtures.py: the
+/// config inferred from the tensors, the forward pass with a padded prompt, the mask hiding the
+/// padding, and a new text model starting as the identity in every block.
+#[test]
+fn gentron_text_model_matches_torch_and_honours_the_mask() {
+    use dit::model::TextTokens;
+    let f = load("gentron.safetensors");
+    let inp = |k: &str| f[&format!("in.{k}")].clone();
+    let tensors: checkpoint::Tensors = f
+        .iter()
+        .filter(|(k, _)| !k.starts_with("in."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut cfg = checkpoint::infer_config(&tensors, None).unwrap();
+    let text_cfg = cfg.text.expect("recognised as a text model");
+    assert_eq!((text_cfg.context_dim, text_cfg.pooled_dim), (48, 40));
+    assert_eq!(cfg.num_classes, 0);
+    cfg.num_heads = 4;
+    let model = checkpoint::build_model(&cfg, tensors, DType::F32, &dev()).unwrap();
+    let (x, t, pooled, mask) = (inp("x"), inp("t"), inp("pooled"), inp("mask"));
+    let run = |text: &Tensor, mask: Option<&Tensor>| {
+        let tokens = TextTokens { tokens: text, mask };
+        model.forward_text(&x, &t, tokens, &pooled).unwrap()
+    };
+    let out = run(&inp("text"), Some(&mask));
+    let e = rel_l2(&out, &inp("out"));
+    assert!(e < 1e-5, "GenTron forward rel L2 {e}");
+    // Other garbage under the mask changes nothing; unmasked, the garbage shows.
+    let keep = mask.unsqueeze(2).unwrap();
+    let noise = Tensor::randn(0f32, 30.0, inp("text").shape(), &dev()).unwrap();
+    let text2 = (inp("text").broadcast_mul(&keep).unwrap()
+        + noise.broadcast_mul(&(1.0 - &keep).unwrap()).unwrap())
+    .unwrap();
+    let e = rel_l2(&run(&text2, Some(&mask)), &out);
+    assert!(e < 1e-6, "padding leaked through the mask: {e}");
+    assert!(rel_l2(&run(&inp("text"), None), &out) > 1e-3);
+    // A class model's entry point refuses a text model.
+    let y = Tensor::new(&[0u32, 0], &dev()).unwrap();
+    assert!(model.forward(&x, &t, &y).is_err());
+
+    // At initialisation every block is the identity (zero adaLN gates, zero cross-attention
+    // output): with a non-zero final linear, the text makes no difference yet.
+    let mut init = dit::train::reference_init(&cfg, &mut dit::rng::NoiseRng::new(0)).unwrap();
+    let fl = init["final_layer.linear.weight"].clone();
+    init.insert(
+        "final_layer.linear.weight".into(),
+        (fl.ones_like().unwrap() * 0.1).unwrap(),
+    );
+    let fresh = checkpoint::build_model(&cfg, init, DType::F32, &dev()).unwrap();
+    let run = |text: &Tensor| {
+        let tokens = TextTokens {
+            tokens: text,
+            mask: Some(&mask),
+        };
+        fresh.forward_text(&x, &t, tokens, &pooled).unwrap()
+    };
+    let (a, b) = (run(&inp("text")), run(&text2.neg().unwrap()));
+    assert!(
+        rel_l2(&a, &b) < 1e-7
+            && a.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+    );
+}
+
 #[test]
 fn respacing_visits_the_reference_timesteps() {
     let f = load("respacing.safetensors");

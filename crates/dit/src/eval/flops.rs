@@ -47,6 +47,18 @@ pub fn forward_macs(cfg: &DiTConfig) -> ForwardMacs {
         + 2 * n * n * d   // q k^T and attention x v over all heads
         + n * d * d       // output projection
         + 2 * n * d * m; // MLP
+                         // GenTron: q from every token, k and v from the text tokens, both products, projection;
+                         // and the pooled-text MLP in place of the label lookup.
+    let (text_block, pooled) = match cfg.text {
+        Some(tc) => {
+            let (s, cd) = (tc.max_tokens as u64, tc.context_dim as u64);
+            let block = n * d * d + s * cd * 2 * d + 2 * n * s * d + n * d * d;
+            (block, tc.pooled_dim as u64 * d + d * d)
+        }
+        None => (0, 0),
+    };
+    let block = block + text_block;
+    let conditioning = conditioning + pooled;
     let final_modulation = if cfg.block.uses_ada_ln() {
         2 * d * d
     } else {

@@ -143,11 +143,29 @@ impl CrossAttention {
     }
 }
 
-/// What a block is conditioned on: c = t_emb + y_emb (adaLN designs) and the two-token sequence
-/// [t_emb, y_emb] (cross-attention).
+/// What a block is conditioned on: c = t_emb + y_emb (adaLN designs; t_emb + pooled text for
+/// GenTron), the two-token sequence [t_emb, y_emb] (cross-attention design), and a text model's
+/// text tokens.
 pub struct Condition<'a> {
     pub c: &'a Tensor,
     pub tokens: &'a Tensor,
+    pub text: Option<TextTokens<'a>>,
+}
+
+/// A text encoder's output for a batch: tokens (N, S, C) and the mask of real (1) and padding (0)
+/// tokens (N, S).
+#[derive(Clone, Copy)]
+pub struct TextTokens<'a> {
+    pub tokens: &'a Tensor,
+    pub mask: Option<&'a Tensor>,
+}
+
+/// GenTron's text cross-attention: x + cross_attn(LN(x), text) after self-attention. Its output
+/// projection starts at zero, so a block starts as its image-only self.
+#[derive(Debug, Clone)]
+struct TextCrossAttention {
+    norm: AffineLayerNorm,
+    attn: CrossAttention,
 }
 
 /// The design-specific part of a block.
@@ -166,20 +184,24 @@ enum Conditioning {
     },
 }
 
-/// One DiT block: self-attention and MLP, conditioned as its design says.
+/// One DiT block: self-attention and MLP, conditioned as its design says; GenTron's text
+/// cross-attention between them in a text model.
 #[derive(Debug, Clone)]
 pub struct DiTBlock {
     attn: Attention,
     mlp: Mlp,
     cond: Conditioning,
+    text: Option<Box<TextCrossAttention>>,
 }
 
 impl DiTBlock {
+    /// `text_dim`: the text tokens' width in a text-conditioned (GenTron) model.
     pub fn new(
         design: BlockDesign,
         hidden: usize,
         num_heads: usize,
         mlp_hidden: usize,
+        text_dim: Option<usize>,
         vb: VarBuilder,
     ) -> Result<Self> {
         let norm = |name: &str| AffineLayerNorm::new(hidden, vb.pp(name));
@@ -205,11 +227,32 @@ impl DiTBlock {
                 norms: [norm("norm1")?, norm("norm2")?],
             },
         };
+        let text = match text_dim {
+            Some(dim) => Some(Box::new(TextCrossAttention {
+                norm: norm("norm_cross")?,
+                attn: CrossAttention::new(hidden, dim, num_heads, vb.pp("cross_attn"))?,
+            })),
+            None => None,
+        };
         Ok(Self {
             attn: Attention::new(hidden, num_heads, vb.pp("attn"))?,
             mlp: Mlp::new(hidden, mlp_hidden, vb.pp("mlp"))?,
             cond,
+            text,
         })
+    }
+
+    /// GenTron's text step: x + cross_attn(LN(x), text tokens), or x for an image model.
+    fn attend_to_text(&self, x: Tensor, cond: &Condition) -> Result<Tensor> {
+        match (&self.text, cond.text) {
+            (Some(t), Some(text)) => {
+                &x + t
+                    .attn
+                    .forward(&t.norm.forward(&x)?, text.tokens, text.mask)?
+            }
+            (Some(_), None) => candle_core::bail!("a text-conditioned block needs text tokens"),
+            (None, _) => Ok(x),
+        }
     }
 
     /// x: (N, T, D) tokens.
@@ -226,7 +269,7 @@ impl DiTBlock {
                 let h = self
                     .attn
                     .forward(&norm_modulate(x, shift_msa, scale_msa)?)?;
-                let x = gated_residual(x, gate_msa, &h)?;
+                let x = self.attend_to_text(gated_residual(x, gate_msa, &h)?, cond)?;
                 let h = self
                     .mlp
                     .forward(&norm_modulate(&x, shift_mlp, scale_mlp)?)?;

@@ -4,8 +4,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::block::{Condition, DiTBlock, FinalLayer};
-use super::embed::{sincos_2d, LabelEmbedder, PatchEmbed, TimestepEmbedder};
+use super::block::{Condition, DiTBlock, FinalLayer, TextTokens};
+use super::embed::{sincos_2d, LabelEmbedder, PatchEmbed, PooledTextEmbedder, TimestepEmbedder};
 use crate::config::BlockDesign;
 use crate::config::DiTConfig;
 
@@ -25,7 +25,9 @@ pub struct DiT {
     pub config: DiTConfig,
     x_embedder: PatchEmbed,
     t_embedder: TimestepEmbedder,
-    y_embedder: LabelEmbedder,
+    /// Class models: the label table; text models: the pooled-text MLP.
+    y_embedder: Option<LabelEmbedder>,
+    pooled_embedder: Option<PooledTextEmbedder>,
     pos_embed: Tensor,
     blocks: Vec<DiTBlock>,
     final_layer: FinalLayer,
@@ -43,7 +45,24 @@ impl DiT {
             vb.pp("x_embedder"),
         )?;
         let t_embedder = TimestepEmbedder::new(c.hidden_size, vb.pp("t_embedder"))?;
-        let y_embedder = LabelEmbedder::new(c.num_classes, c.hidden_size, vb.pp("y_embedder"))?;
+        let (y_embedder, pooled_embedder) = match c.text {
+            None => (
+                Some(LabelEmbedder::new(
+                    c.num_classes,
+                    c.hidden_size,
+                    vb.pp("y_embedder"),
+                )?),
+                None,
+            ),
+            Some(text) => (
+                None,
+                Some(PooledTextEmbedder::new(
+                    text.pooled_dim,
+                    c.hidden_size,
+                    vb.pp("pooled_embedder"),
+                )?),
+            ),
+        };
         let g = c.grid_size();
         let pos_embed = sincos_2d(c.hidden_size, g, g, vb.device(), vb.dtype())?;
         let blocks = (0..c.depth)
@@ -53,6 +72,7 @@ impl DiT {
                     c.hidden_size,
                     c.num_heads,
                     c.mlp_hidden(),
+                    c.text.map(|t| t.context_dim),
                     vb.pp(format!("blocks.{i}")),
                 )
             })
@@ -69,6 +89,7 @@ impl DiT {
             x_embedder,
             t_embedder,
             y_embedder,
+            pooled_embedder,
             pos_embed,
             blocks,
             final_layer,
@@ -83,24 +104,62 @@ impl DiT {
         self.pos_embed.dtype()
     }
 
+    /// The label of "no class" (the label table's last row; 0 rows for a text model).
     pub fn null_class(&self) -> usize {
-        self.y_embedder.null_class()
+        self.config.num_classes
     }
 
     /// x: (N, C, H, W) latents, t: (N,) timesteps (original 0..1000 indices), y: (N,) u32 labels
     /// (the null class allowed). Returns (N, out_channels, H, W).
     pub fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let Some(y_embedder) = &self.y_embedder else {
+            candle_core::bail!("a text-conditioned model takes text: use forward_text");
+        };
+        self.forward_conditioned(x, t, &y_embedder.forward(y)?, None)
+    }
+
+    /// A text-conditioned (GenTron) model: `text` holds the encoder's tokens (N, S, C) and their
+    /// mask (N, S), `pooled` its pooled embedding (N, P). Classifier-free guidance's
+    /// unconditional input is the empty prompt's encoding.
+    pub fn forward_text(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        text: TextTokens,
+        pooled: &Tensor,
+    ) -> Result<Tensor> {
+        let Some(pooled_embedder) = &self.pooled_embedder else {
+            candle_core::bail!("a class-conditional model takes labels: use forward");
+        };
+        let tokens = text.tokens.to_dtype(self.dtype())?;
+        let text = TextTokens {
+            tokens: &tokens,
+            mask: text.mask,
+        };
+        self.forward_conditioned(x, t, &pooled_embedder.forward(pooled)?, Some(text))
+    }
+
+    /// The network given the condition's embedding `y_emb` (label or pooled text), added to the
+    /// timestep embedding.
+    fn forward_conditioned(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        y_emb: &Tensor,
+        text: Option<TextTokens>,
+    ) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let x = self
             .x_embedder
             .forward(&x.to_dtype(self.dtype())?)?
             .broadcast_add(&self.pos_embed)?;
-        let (t_emb, y_emb) = (self.t_embedder.forward(t)?, self.y_embedder.forward(y)?);
-        let c = (&t_emb + &y_emb)?;
-        let tokens = Tensor::stack(&[&t_emb, &y_emb], 1)?; // (N, 2, D)
+        let t_emb = self.t_embedder.forward(t)?;
+        let c = (&t_emb + y_emb)?;
+        let tokens = Tensor::stack(&[&t_emb, y_emb], 1)?; // (N, 2, D)
         let cond = Condition {
             c: &c,
             tokens: &tokens,
+            text,
         };
         let in_context = self.config.block == BlockDesign::InContext;
         let mut x = match in_context {

@@ -123,6 +123,31 @@ impl LabelEmbedder {
     }
 }
 
+/// GenTron's pooled-text embedder: Linear, SiLU, Linear from the text encoder's pooled embedding
+/// to the width (`pooled_embedder.mlp.{0,2}`), summed with the timestep embedding.
+#[derive(Debug, Clone)]
+pub struct PooledTextEmbedder {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl PooledTextEmbedder {
+    pub fn new(pooled_dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("mlp");
+        Ok(Self {
+            fc1: linear(pooled_dim, hidden, vb.pp("0"))?,
+            fc2: linear(hidden, hidden, vb.pp("2"))?,
+        })
+    }
+}
+
+impl Module for PooledTextEmbedder {
+    fn forward(&self, pooled: &Tensor) -> Result<Tensor> {
+        let pooled = pooled.to_dtype(self.fc1.weight().dtype())?;
+        self.fc2.forward(&self.fc1.forward(&pooled)?.silu()?)
+    }
+}
+
 /// 1-D sin-cos embedding of positions, `dim` channels: sin of the first half, cos of the second,
 /// frequencies 1/10000^(i/(dim/2)). Computed in f64 as the reference does with numpy.
 fn sincos_1d(dim: usize, positions: &[f64]) -> Vec<Vec<f64>> {

@@ -4,6 +4,6 @@ pub mod block;
 pub mod dit;
 pub mod embed;
 
-pub use block::{DiTBlock, FinalLayer};
+pub use block::{DiTBlock, FinalLayer, TextTokens};
 pub use dit::{DiT, GuidedChannels};
-pub use embed::{LabelEmbedder, PatchEmbed, TimestepEmbedder};
+pub use embed::{LabelEmbedder, PatchEmbed, PooledTextEmbedder, TimestepEmbedder};
