@@ -111,6 +111,45 @@ pub fn sample_latents(
     )?)
 }
 
+/// Samples latents for encoded prompts (a text-conditioned model), guidance against the empty
+/// prompt's encoding `empty` (one row).
+pub fn sample_latents_text(
+    model: &DiT,
+    text: &crate::model::TextBatch,
+    empty: &crate::model::TextBatch,
+    noise: Tensor,
+    opts: &SampleOptions,
+    rng: &mut NoiseRng,
+    on_step: impl FnMut(usize),
+) -> Result<Tensor> {
+    check_noise(model, &noise, text.len()?)?;
+    let c = &model.config;
+    let mut diffusion =
+        GaussianDiffusion::for_model(c.schedule, c.prediction, &opts.steps.to_string())?;
+    diffusion.clip_denoised = opts.clip_denoised;
+    let guided = |x: &Tensor, t: &Tensor| -> candle_core::Result<Tensor> {
+        let out = if opts.cfg_scale > 1.0 {
+            model.forward_text_with_cfg(x, t, text, empty, opts.cfg_scale, opts.cfg_channels)?
+        } else {
+            let tokens = crate::model::TextTokens {
+                tokens: &text.tokens,
+                mask: Some(&text.mask),
+            };
+            model.forward_text(x, t, tokens, &text.pooled)?
+        };
+        out.to_dtype(DType::F32)
+    };
+    let noise = noise.to_dtype(DType::F32)?;
+    Ok(sample_loop(
+        &diffusion,
+        guided,
+        noise,
+        opts.sampler,
+        rng,
+        on_step,
+    )?)
+}
+
 /// The number of respaced steps image-to-image runs for `strength` in [0, 1] out of `steps`.
 pub fn edit_steps(strength: f64, steps: usize) -> Result<usize> {
     if !(0.0..=1.0).contains(&strength) {

@@ -242,6 +242,57 @@ fn gentron_text_model_matches_torch_and_honours_the_mask() {
     // A class model's entry point refuses a text model.
     let y = Tensor::new(&[0u32, 0], &dev()).unwrap();
     assert!(model.forward(&x, &t, &y).is_err());
+    // Guidance in one batched pass equals uncond + s (cond - uncond) from two separate passes,
+    // the empty prompt (one row, first token real) broadcast over the batch.
+    let text = dit::model::TextBatch {
+        tokens: inp("text"),
+        mask: mask.clone(),
+        pooled: pooled.clone(),
+    };
+    let mut empty_mask = vec![0f32; 7];
+    empty_mask[0] = 1.0;
+    let empty = dit::model::TextBatch {
+        tokens: Tensor::randn(0f32, 1.0, (1, 7, 48), &dev()).unwrap(),
+        mask: Tensor::from_vec(empty_mask, (1, 7), &dev()).unwrap(),
+        pooled: Tensor::randn(0f32, 1.0, (1, 40), &dev()).unwrap(),
+    };
+    let guided = model
+        .forward_text_with_cfg(&x, &t, &text, &empty, 4.0, GuidedChannels::All)
+        .unwrap();
+    let b = |e: &Tensor| e.repeat(2).unwrap();
+    let tokens = b(&empty.tokens);
+    let uncond_in = TextTokens {
+        tokens: &tokens,
+        mask: Some(&b(&empty.mask)),
+    };
+    let uncond = model
+        .forward_text(&x, &t, uncond_in, &b(&empty.pooled))
+        .unwrap();
+    let want = (&uncond + ((&out - &uncond).unwrap() * 4.0).unwrap()).unwrap();
+    let e = rel_l2(
+        &guided.narrow(1, 0, 4).unwrap(),
+        &want.narrow(1, 0, 4).unwrap(),
+    );
+    assert!(e < 1e-5, "batched text guidance vs two passes: {e}");
+    // Sampling from prompts: deterministic DDIM, different prompts give different latents.
+    let opts = dit::pipeline::SampleOptions {
+        steps: 3,
+        sampler: dit::diffusion::Sampler::Ddim { eta: 0.0 },
+        ..Default::default()
+    };
+    let sample = |text: &dit::model::TextBatch| {
+        let mut rng = dit::rng::NoiseRng::new(0);
+        dit::pipeline::sample_latents_text(&model, text, &empty, x.clone(), &opts, &mut rng, |_| {})
+            .unwrap()
+    };
+    let (s1, s1b) = (sample(&text), sample(&text));
+    assert_eq!(rel_l2(&s1, &s1b), 0.0);
+    let swapped = dit::model::TextBatch {
+        tokens: inp("text").flip(&[0]).unwrap(),
+        mask: mask.flip(&[0]).unwrap(),
+        pooled: pooled.flip(&[0]).unwrap(),
+    };
+    assert!(rel_l2(&sample(&swapped), &s1) > 1e-3);
 
     // At initialisation every block is the identity (zero adaLN gates, zero cross-attention
     // output): with a non-zero final linear, the text makes no difference yet.

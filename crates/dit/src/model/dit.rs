@@ -20,6 +20,54 @@ pub enum GuidedChannels {
     All,
 }
 
+/// Encoded prompts for a text-conditioned (GenTron) model: the text encoder's tokens (N, S, C),
+/// their mask (N, S: 1 real, 0 padding) and pooled embedding (N, P).
+#[derive(Debug, Clone)]
+pub struct TextBatch {
+    pub tokens: Tensor,
+    pub mask: Tensor,
+    pub pooled: Tensor,
+}
+
+impl TextBatch {
+    pub fn len(&self) -> Result<usize> {
+        self.tokens.dim(0)
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            tokens: self.tokens.narrow(0, start, len)?,
+            mask: self.mask.narrow(0, start, len)?,
+            pooled: self.pooled.narrow(0, start, len)?,
+        })
+    }
+
+    /// The rows where `drop` is set replaced by `empty` (one row: the empty prompt's encoding),
+    /// classifier-free guidance's text dropout.
+    pub fn with_dropped(&self, drop: &[bool], empty: &TextBatch) -> Result<Self> {
+        let n = self.len()?;
+        let d: Vec<f32> = drop.iter().map(|&b| f32::from(u8::from(b))).collect();
+        let d = Tensor::from_vec(d, n, self.tokens.device())?;
+        let mix = |x: &Tensor, e: &Tensor| -> Result<Tensor> {
+            let shape: Vec<usize> = std::iter::once(n)
+                .chain(std::iter::repeat_n(1, x.rank() - 1))
+                .collect();
+            let d = d.reshape(shape)?.to_dtype(x.dtype())?;
+            let e = e.to_dtype(x.dtype())?.broadcast_as(x.shape())?;
+            x.broadcast_mul(&(1.0 - &d)?)? + e.broadcast_mul(&d)?
+        };
+        Ok(Self {
+            tokens: mix(&self.tokens, &empty.tokens)?,
+            mask: mix(&self.mask, &empty.mask)?,
+            pooled: mix(&self.pooled, &empty.pooled)?,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DiT {
     pub config: DiTConfig,
@@ -196,6 +244,46 @@ impl DiT {
             &Tensor::cat(&[t, t], 0)?,
             &Tensor::cat(&[y, &null], 0)?,
         )?;
+        self.mix_guidance(&out, scale, channels)
+    }
+
+    /// Classifier-free guidance for a text model: the prompts' and the empty prompt's (`empty`,
+    /// one row) predictions in one batched pass, mixed as [`Self::forward_with_cfg`] does.
+    pub fn forward_text_with_cfg(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        text: &TextBatch,
+        empty: &TextBatch,
+        scale: f64,
+        channels: GuidedChannels,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let both = |a: &Tensor, e: &Tensor| -> Result<Tensor> {
+            let mut shape = e.dims().to_vec();
+            shape[0] = n;
+            Tensor::cat(&[a, &e.to_dtype(a.dtype())?.broadcast_as(shape)?], 0)
+        };
+        let (tokens, mask) = (
+            both(&text.tokens, &empty.tokens)?,
+            both(&text.mask, &empty.mask)?,
+        );
+        let out = self.forward_text(
+            &Tensor::cat(&[x, x], 0)?,
+            &Tensor::cat(&[t, t], 0)?,
+            TextTokens {
+                tokens: &tokens,
+                mask: Some(&mask),
+            },
+            &both(&text.pooled, &empty.pooled)?,
+        )?;
+        self.mix_guidance(&out, scale, channels)
+    }
+
+    /// (cond; uncond) stacked predictions -> uncond + scale * (cond - uncond) on the guided eps
+    /// channels, the other channels (and the learned variance) from the conditional half.
+    fn mix_guidance(&self, out: &Tensor, scale: f64, channels: GuidedChannels) -> Result<Tensor> {
+        let n = out.dim(0)? / 2;
         let (cond, uncond) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
         let c = self.config.in_channels;
         let guided = match channels {
