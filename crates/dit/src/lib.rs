@@ -26,6 +26,7 @@ pub mod ops_cuda;
 pub mod pipeline;
 pub mod plot;
 pub mod rng;
+pub mod text;
 pub mod torchscript;
 pub mod train;
 pub mod vae;

