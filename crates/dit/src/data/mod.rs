@@ -10,6 +10,7 @@ use crate::{Error, Result};
 
 pub mod folder;
 pub mod latents;
+pub mod shapes;
 
 const SHEETS: [&[u8]; 10] = [
     include_bytes!("../../../../data/mnist/0.png"),
