@@ -70,7 +70,7 @@ impl Scene {
     /// Combinations kept out of training: a fifth of them, spread so that each attribute value
     /// appears both in and out.
     pub fn held_out(&self) -> bool {
-        (self.colour + 2 * self.shape + 3 * self.position + self.background) % 5 == 0
+        (self.colour + 2 * self.shape + 3 * self.position + self.background).is_multiple_of(5)
     }
 
     /// Renders the scene at `size` x `size` pixels, RGB, row-major; `seed` jitters the shape's
