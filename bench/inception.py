@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
@@ -26,14 +25,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tools"))
 from make_inception_fixtures import pytorch_fid_network, tf_resize  # noqa: E402
-
-
-def timed(f, iters):
-    f()
-    start = time.perf_counter()
-    for _ in range(iters):
-        f()
-    return (time.perf_counter() - start) / iters
+from compare import timed  # noqa: E402  (bench/compare.py: the same timing as the DiT benchmark)
 
 
 def main():

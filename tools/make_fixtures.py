@@ -47,13 +47,18 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def embed(w, cfg, x, t):
+    """Patch tokens with positions (N, T, D) and the timestep embedding (N, D)."""
+    h = F.conv2d(x, w["x_embedder.proj.weight"], w["x_embedder.proj.bias"], stride=cfg["patch"])
+    h = h.flatten(2).transpose(1, 2) + w["pos_embed"]
+    te = F.linear(t_features(t), w["t_embedder.mlp.0.weight"], w["t_embedder.mlp.0.bias"])
+    return h, F.linear(F.silu(te), w["t_embedder.mlp.2.weight"], w["t_embedder.mlp.2.bias"])
+
+
 def dit_forward(w, cfg, x, t, y):
     D, p, H = cfg["hidden"], cfg["patch"], cfg["heads"]
     N, C, Hh, Ww = x.shape
-    h = F.conv2d(x, w["x_embedder.proj.weight"], w["x_embedder.proj.bias"], stride=p)
-    h = h.flatten(2).transpose(1, 2) + w["pos_embed"]
-    te = F.linear(t_features(t), w["t_embedder.mlp.0.weight"], w["t_embedder.mlp.0.bias"])
-    te = F.linear(F.silu(te), w["t_embedder.mlp.2.weight"], w["t_embedder.mlp.2.bias"])
+    h, te = embed(w, cfg, x, t)
     c = te + w["y_embedder.embedding_table.weight"][y]
     ln = lambda z: F.layer_norm(z, (D,), eps=1e-6)
     for i in range(cfg["depth"]):
@@ -116,10 +121,7 @@ def design_forward(w, cfg, x, t, y, design):
     the final linear; in-context ([t_emb, y_emb] prepended as tokens, dropped at the end)."""
     D, p, H = cfg["hidden"], cfg["patch"], cfg["heads"]
     N, C, Hh, Ww = x.shape
-    h = F.conv2d(x, w["x_embedder.proj.weight"], w["x_embedder.proj.bias"], stride=p)
-    h = h.flatten(2).transpose(1, 2) + w["pos_embed"]
-    te = F.linear(t_features(t), w["t_embedder.mlp.0.weight"], w["t_embedder.mlp.0.bias"])
-    te = F.linear(F.silu(te), w["t_embedder.mlp.2.weight"], w["t_embedder.mlp.2.bias"])
+    h, te = embed(w, cfg, x, t)
     ye = w["y_embedder.embedding_table.weight"][y]
     c, tokens = te + ye, torch.stack([te, ye], 1)
     lin = lambda z, n: F.linear(z, w[n + ".weight"], w[n + ".bias"])
@@ -209,9 +211,7 @@ def gentron_forward(w, cfg, x, t, text, mask, pooled):
     D, p, H = cfg["hidden"], cfg["patch"], cfg["heads"]
     N, C, Hh, Ww = x.shape
     lin = lambda z, n: F.linear(z, w[n + ".weight"], w[n + ".bias"])
-    h = F.conv2d(x, w["x_embedder.proj.weight"], w["x_embedder.proj.bias"], stride=p)
-    h = h.flatten(2).transpose(1, 2) + w["pos_embed"]
-    te = lin(F.silu(lin(t_features(t), "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    h, te = embed(w, cfg, x, t)
     c = te + lin(F.silu(lin(pooled, "pooled_embedder.mlp.0")), "pooled_embedder.mlp.2")
     ln = lambda z, n=None: F.layer_norm(z, (D,), None if n is None else w[n + ".weight"],
                                         None if n is None else w[n + ".bias"], eps=1e-6)

@@ -180,16 +180,7 @@ mod tests {
             let parts = parts.permute((1, 0, 2, 3)).unwrap();
             let same = (&parts - &got).unwrap().abs().unwrap().sum_all().unwrap();
             assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0, "{g:?}");
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::test_util::max_abs_diff(&got, &want);
             assert!(d < 1e-4, "{g:?}: {d}");
         }
     }

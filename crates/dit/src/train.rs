@@ -630,16 +630,23 @@ mod tests {
         }
     }
 
-    /// Two trainers from the same init and seed, and a batch of built-in digits.
-    fn twin_trainers(cfg: TrainConfig) -> (Trainer, Trainer, Tensor, Vec<usize>) {
+    /// `n` built-in digits `stride` apart, with their labels.
+    fn digits(n: u32, stride: u32) -> (Tensor, Vec<usize>) {
         let dev = Device::Cpu;
         let data = crate::data::mnist(&dev).unwrap();
-        let idx: Vec<u32> = (0..6).map(|i| i * 1601).collect();
+        let idx: Vec<u32> = (0..n).map(|i| i * stride).collect();
         let x0 = data
             .images
             .index_select(&Tensor::new(idx.as_slice(), &dev).unwrap(), 0)
             .unwrap();
         let labels = idx.iter().map(|&i| data.labels[i as usize]).collect();
+        (x0, labels)
+    }
+
+    /// Two trainers from the same init and seed, and a batch of built-in digits.
+    fn twin_trainers(cfg: TrainConfig) -> (Trainer, Trainer, Tensor, Vec<usize>) {
+        let dev = Device::Cpu;
+        let (x0, labels) = digits(6, 1601);
         let init = || reference_init(&tiny(), &mut NoiseRng::new(3)).unwrap();
         let make = || Trainer::new(&tiny(), init(), cfg.clone(), 5, &dev).unwrap();
         (make(), make(), x0, labels)
@@ -659,13 +666,7 @@ mod tests {
     fn every_block_design_trains() {
         use crate::config::BlockDesign;
         let dev = Device::Cpu;
-        let data = crate::data::mnist(&dev).unwrap();
-        let idx: Vec<u32> = (0..8).map(|i| i * 1201).collect();
-        let x0 = data
-            .images
-            .index_select(&Tensor::new(idx.as_slice(), &dev).unwrap(), 0)
-            .unwrap();
-        let labels: Vec<usize> = idx.iter().map(|&i| data.labels[i as usize]).collect();
+        let (x0, labels) = digits(8, 1201);
         for block in [
             BlockDesign::AdaLnZero,
             BlockDesign::AdaLn,
@@ -705,20 +706,12 @@ mod tests {
     fn a_text_model_trains_with_text_dropout() {
         use crate::config::TextConditioning;
         let dev = Device::Cpu;
-        let data = crate::data::mnist(&dev).unwrap();
-        let idx: Vec<u32> = (0..8).map(|i| i * 1201).collect();
-        let x0 = data
-            .images
-            .index_select(&Tensor::new(idx.as_slice(), &dev).unwrap(), 0)
-            .unwrap();
+        let (x0, digit_labels) = digits(8, 1201);
         // "Prompts": per digit a fixed random 5-token sequence, the last 2 tokens padding for
         // odd digits; pooled = the mean of the real tokens.
         let (s, c, p) = (5, 16, 16);
         let vocab = Tensor::randn(0f32, 1.0, (10, s, c), &dev).unwrap();
-        let labels: Vec<u32> = idx
-            .iter()
-            .map(|&i| data.labels[i as usize] as u32)
-            .collect();
+        let labels: Vec<u32> = digit_labels.iter().map(|&l| l as u32).collect();
         let tokens = vocab
             .index_select(&Tensor::new(labels.as_slice(), &dev).unwrap(), 0)
             .unwrap();
@@ -1004,13 +997,7 @@ mod tests {
     #[test]
     fn training_lowers_the_loss_and_tracks_the_ema() {
         let dev = Device::Cpu;
-        let data = crate::data::mnist(&dev).unwrap();
-        let idx: Vec<u32> = (0..16).map(|i| i * 625).collect();
-        let x0 = data
-            .images
-            .index_select(&Tensor::new(idx.as_slice(), &dev).unwrap(), 0)
-            .unwrap();
-        let labels: Vec<usize> = idx.iter().map(|&i| data.labels[i as usize]).collect();
+        let (x0, labels) = digits(16, 625);
         let cfg = TrainConfig {
             lr: 2e-3,
             ema_decay: 0.5,

@@ -26,19 +26,6 @@ fn inception_weights() -> Option<PathBuf> {
     )
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn inception_features_of_real_photos_match_the_torchscript_network() {
     let Some(weights) = inception_weights() else {
@@ -55,8 +42,8 @@ fn inception_features_of_real_photos_match_the_torchscript_network() {
         assert_eq!(got.spatial.dims(), [images.dim(0).unwrap(), SPATIAL_DIM]);
         // Features are O(1) (pool means of ReLUs up to ~10); f32 through 94 convolutions.
         let (dp, ds) = (
-            max_abs_diff(&got.pool, pool),
-            max_abs_diff(&got.spatial, spatial),
+            common::max_abs_diff(&got.pool, pool),
+            common::max_abs_diff(&got.spatial, spatial),
         );
         assert!(dp < 2e-3, "pool features{key} differ by {dp}");
         assert!(ds < 2e-3, "spatial features{key} differ by {ds}");
@@ -99,7 +86,7 @@ fn classifier_probabilities_match_pytorch_fid() {
     let f = fixtures();
     let probs = net.features_u8(&f["images"]).unwrap().probs.unwrap();
     // Compare log-probabilities (logits up to a constant); these spread over ~0.3-2.6 nats.
-    let d = max_abs_diff(&probs.log().unwrap(), &f["probs"].log().unwrap());
+    let d = common::max_abs_diff(&probs.log().unwrap(), &f["probs"].log().unwrap());
     assert!(d < 2e-3, "log-probabilities differ by {d}");
 }
 

@@ -6,19 +6,6 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use dit::text::TextEncoder;
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn minilm_matches_transformers_and_sentence_transformers_pooling() {
     let Some(dir) = common::fetched("DIT_MINILM", "all-MiniLM-L6-v2", "fetch-minilm.sh") else {
@@ -43,9 +30,9 @@ fn minilm_matches_transformers_and_sentence_transformers_pooling() {
     assert_eq!(batch.tokens.dims(), [4, 16, 384]);
     // Padded positions' hidden states are not used downstream (the mask hides them), but
     // transformers computes them too: compare everything.
-    let d = max_abs_diff(&batch.tokens, &f["tokens"]);
+    let d = common::max_abs_diff(&batch.tokens, &f["tokens"]);
     assert!(d < 1e-4, "token embeddings differ by {d}");
-    let d = max_abs_diff(&batch.pooled, &f["pooled"]);
+    let d = common::max_abs_diff(&batch.pooled, &f["pooled"]);
     assert!(d < 1e-5, "pooled embeddings differ by {d}");
     // Different prompts, different embeddings (not a constant network).
     let p = batch.pooled.to_vec2::<f32>().unwrap();

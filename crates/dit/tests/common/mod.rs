@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use candle_core::Tensor;
+
 /// The fixtures folder; `DIT_FIXTURES` overrides it (a test binary run on another machine).
 pub fn fixture(name: &str) -> PathBuf {
     std::env::var_os("DIT_FIXTURES")
@@ -29,4 +31,18 @@ pub fn fetched(env_var: &str, name: &str, script: &str) -> Option<PathBuf> {
         eprintln!("SKIPPED: {name} not fetched (run tools/{script})");
     }
     path
+}
+
+/// Largest absolute elementwise difference.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
