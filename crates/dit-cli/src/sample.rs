@@ -135,6 +135,16 @@ pub struct SampleArgs {
     /// every class.
     #[arg(long, value_delimiter = ',')]
     labels: Vec<usize>,
+    /// A text-conditioned (GenTron) model: the prompts, one image each (repeat the flag).
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// What guidance steers away from (default: the empty prompt).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// The text encoder folder of a text model (default: `$DIT_MINILM`, else the folder
+    /// `tools/fetch-minilm.sh` writes, ~/.cache/dit/all-MiniLM-L6-v2).
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Samples per forward batch (guidance doubles it).
@@ -232,6 +242,12 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
     } else {
         a.model.vae_for(&cfg, dtype, device)?
     };
+    if let Some(text) = cfg.text {
+        return run_text(&a, &model, text, &opts, vae.as_ref(), dtype, device);
+    }
+    if !a.prompt.is_empty() {
+        bail!("--prompt needs a text-conditioned model; this one is class-conditional (--labels)");
+    }
     let labels: Vec<usize> = if !a.labels.is_empty() {
         a.labels.clone()
     } else if cfg.num_classes == 1000 {
@@ -255,13 +271,80 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
         None => rng.randn_like(&Tensor::zeros(shape, DType::F32, device)?)?,
     };
     let latents = sample_batched(&model, &labels, &noise, &opts, a.batch_size, &mut rng)?;
+    write_outputs(&a, &latents, vae.as_ref(), dtype, &cfg)
+}
+
+/// Samples a text-conditioned model for `--prompt`s, guided against `--negative-prompt`.
+fn run_text(
+    a: &SampleArgs,
+    model: &DiT,
+    text: dit::config::TextConditioning,
+    opts: &SampleOptions,
+    vae: Option<&dit::vae::Vae>,
+    dtype: DType,
+    device: &Device,
+) -> Result<()> {
+    if a.prompt.is_empty() {
+        bail!("a text-conditioned model needs --prompt");
+    }
+    let dir = match &a.text_encoder {
+        Some(d) => d.clone(),
+        None => std::env::var_os("DIT_MINILM")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|h| PathBuf::from(h).join(".cache/dit/all-MiniLM-L6-v2"))
+            })
+            .context("no --text-encoder")?,
+    };
+    let encoder = dit::text::TextEncoder::load(&dir, text.max_tokens, device)
+        .with_context(|| "run tools/fetch-minilm.sh, or pass --text-encoder".to_string())?;
+    if encoder.width() != text.context_dim || encoder.width() != text.pooled_dim {
+        bail!(
+            "the text encoder at {} gives {}-wide embeddings but the model takes {} (tokens) and {} (pooled)",
+            dir.display(),
+            encoder.width(),
+            text.context_dim,
+            text.pooled_dim
+        );
+    }
+    let prompts: Vec<&str> = a.prompt.iter().map(String::as_str).collect();
+    let batch = encoder.encode(&prompts)?;
+    let empty = encoder.encode(&[a.negative_prompt.as_str()])?;
+    let cfg = &model.config;
+    let n = prompts.len();
+    let mut rng = NoiseRng::new(a.seed);
+    let shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size);
+    let noise = rng.randn_like(&Tensor::zeros(shape, DType::F32, device)?)?;
+    let bar = ProgressBar::new(opts.steps as u64).with_style(ProgressStyle::with_template(
+        "{msg} [{bar:40}] {pos}/{len} steps {elapsed_precise} eta {eta}",
+    )?);
+    bar.set_message(format!("sampling {n} images"));
+    let latents =
+        dit::pipeline::sample_latents_text(model, &batch, &empty, noise, opts, &mut rng, |i| {
+            bar.set_position(i as u64 + 1)
+        })?;
+    bar.finish_and_clear();
+    write_outputs(a, &latents, vae, dtype, cfg)
+}
+
+/// Writes the sampled latents (`--save-latents`), and unless `--no-decode` the PNG grid
+/// (`--out`) and single images (`--out-dir`).
+fn write_outputs(
+    a: &SampleArgs,
+    latents: &Tensor,
+    vae: Option<&dit::vae::Vae>,
+    dtype: DType,
+    cfg: &dit::DiTConfig,
+) -> Result<()> {
+    let n = latents.dim(0)?;
     if let Some(p) = &a.save_latents {
         latents
             .write_npy(p)
             .with_context(|| format!("cannot write {}", p.display()))?;
         println!("wrote latents {:?} to {}", latents.dims(), p.display());
     }
-    let Some(images) = to_images(&latents, vae.as_ref(), dtype, &cfg)? else {
+    let Some(images) = to_images(latents, vae, dtype, cfg)? else {
         return Ok(());
     };
     let rgb = dit::image_io::to_rgb_images(&images)?;

@@ -914,6 +914,101 @@ fn inception_weights() -> Option<PathBuf> {
     path
 }
 
+/// A text-conditioned model samples from `--prompt`s with the MiniLM encoder: deterministic per
+/// seed, prompt-dependent; mismatches are clear errors.
+#[test]
+fn text_models_sample_from_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    // Class-model errors need no encoder.
+    fails_with(
+        &sample_c10(&["--prompt", "a red circle"]),
+        "needs a text-conditioned model",
+    );
+    let Some(encoder) = std::env::var_os("DIT_MINILM")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dit/all-MiniLM-L6-v2"))
+        })
+        .filter(|p| p.is_dir())
+    else {
+        assert!(
+            std::env::var_os("DIT_REQUIRE_FETCHED").is_none(),
+            "MiniLM missing"
+        );
+        eprintln!("SKIPPED: run tools/fetch-minilm.sh");
+        return;
+    };
+    // A tiny pixel-space text model for MiniLM's 384-wide embeddings: reference init with a
+    // random final linear and open cross-attention, so the output depends on the prompt.
+    let cfg = dit::DiTConfig {
+        input_size: 16,
+        patch_size: 4,
+        in_channels: 3,
+        hidden_size: 64,
+        depth: 2,
+        num_heads: 4,
+        mlp_ratio: 4.0,
+        num_classes: 0,
+        learn_sigma: true,
+        schedule: Default::default(),
+        prediction: Default::default(),
+        block: Default::default(),
+        text: Some(dit::config::TextConditioning {
+            context_dim: 384,
+            pooled_dim: 384,
+            max_tokens: 16,
+        }),
+    };
+    let mut w = dit::train::reference_init(&cfg, &mut dit::rng::NoiseRng::new(0)).unwrap();
+    for (k, v) in w.iter_mut() {
+        if k.starts_with("final_layer.linear.w")
+            || k.ends_with("cross_attn.proj.weight")
+            || k.contains("adaLN_modulation.1.w")
+        {
+            *v = Tensor::randn(0f32, 0.05, v.shape(), &Device::Cpu).unwrap();
+        }
+    }
+    let st = dir.path().join("text.safetensors");
+    candle_core::safetensors::save(&w, &st).unwrap();
+    std::fs::write(
+        st.with_extension("json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
+    let sample = |prompt: &str, seed: &str, out: &str| {
+        let out = dir.path().join(out);
+        succeeds(&dit(&[
+            "sample",
+            "--ckpt",
+            p(&st),
+            "--text-encoder",
+            p(&encoder),
+            "--prompt",
+            prompt,
+            "--prompt",
+            "a blue square",
+            "--steps",
+            "3",
+            "--seed",
+            seed,
+            "--save-latents",
+            p(&out),
+            "--no-decode",
+        ]));
+        Tensor::read_npy(&out).unwrap()
+    };
+    let a = sample("a red circle in the top left", "1", "a.npy");
+    assert_eq!(a.dims(), [2, 3, 16, 16]);
+    let b = sample("a red circle in the top left", "1", "b.npy");
+    assert_eq!(rel_l2(&a, &b), 0.0);
+    let c = sample("a yellow triangle", "1", "c.npy");
+    assert!(rel_l2(&c.get(0).unwrap(), &a.get(0).unwrap()) > 1e-4);
+    fails_with(
+        &dit(&["sample", "--ckpt", p(&st), "--text-encoder", p(&encoder)]),
+        "needs --prompt",
+    );
+}
+
 #[test]
 fn eval_scores_sample_many_output_and_caches_reference_statistics() {
     let dir = tempfile::tempdir().unwrap();
