@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/minilm.safetensors: all-MiniLM-L6-v2 (tools/fetch-minilm.sh) run by
-Hugging Face `transformers` and `tokenizers` on a few prompts padded to 16 tokens: token ids,
-mask, last hidden states (N, 16, 384) and the sentence-transformers embedding (mean over real
-tokens, L2-normalised), for the text encoder tests.
+"""Writes the text encoder fixtures, from Hugging Face `transformers` and `tokenizers`:
+
+tests/fixtures/minilm.safetensors: all-MiniLM-L6-v2 (tools/fetch-minilm.sh) on a few prompts
+padded to 16 tokens: token ids, mask, last hidden states (N, 16, 384) and the
+sentence-transformers embedding (mean over real tokens, L2-normalised).
+
+tests/fixtures/tiny_clip/: a tiny random CLIPTextModel (2 layers, width 32, quick_gelu) saved by
+`save_pretrained`, with a byte-level BPE tokenizer in CLIP's layout (trained here on a few
+captions: no download), and tests/fixtures/tiny_clip_io.safetensors: its ids, mask,
+last_hidden_state and pooler_output for the prompts padded to 12 tokens.
 
 Run:  /opt/pyref/bin/python tools/make_text_fixtures.py --model ~/.cache/dit/all-MiniLM-L6-v2
       (needs torch, transformers, tokenizers, safetensors)
@@ -17,8 +23,53 @@ from transformers import BertModel
 
 PROMPTS = ["a red circle in the top left on a blue background", "", "Two GREEN squares!",
            "a very long prompt that goes on and on well past the sixteen tokens it may keep"]
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures",
-                   "minilm.safetensors")
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+OUT = os.path.join(FIX, "minilm.safetensors")
+
+
+def clip_tokenizer():
+    """A byte-level BPE tokenizer with CLIP's pieces: NFC + whitespace + lowercase, CLIP's split
+    pattern, </w> word ends, <|startoftext|> ... <|endoftext|>."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    split = Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(split, behavior="removed", invert=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(PROMPTS * 10, trainer)
+    tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", 1), ("<|startoftext|>", 0),
+                                                      add_prefix_space=False, trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def tiny_clip():
+    from transformers import CLIPTextConfig, CLIPTextModel
+    out_dir = os.path.join(FIX, "tiny_clip")
+    os.makedirs(out_dir, exist_ok=True)
+    tok = clip_tokenizer()
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12,
+                         hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                         projection_dim=32)
+    model = CLIPTextModel(cfg).eval()
+    model.save_pretrained(out_dir)
+    tok.enable_padding(length=12, pad_id=1, pad_token="<|endoftext|>")
+    tok.enable_truncation(max_length=12)
+    enc = tok.encode_batch(PROMPTS)
+    ids = torch.tensor([e.ids for e in enc])
+    mask = torch.tensor([e.attention_mask for e in enc])
+    with torch.no_grad():
+        o = model(input_ids=ids, attention_mask=mask)
+    save_file({"ids": ids.to(torch.int64), "mask": mask.to(torch.int64),
+               "tokens": o.last_hidden_state.contiguous(), "pooled": o.pooler_output.contiguous()},
+              os.path.join(FIX, "tiny_clip_io.safetensors"))
+    print("wrote", out_dir)
 
 
 def main():
@@ -41,6 +92,7 @@ def main():
                "pooled": pooled.contiguous()}, OUT)
     os.chmod(OUT, 0o644)
     print("wrote", os.path.abspath(OUT), tuple(hidden.shape))
+    tiny_clip()
 
 
 if __name__ == "__main__":

