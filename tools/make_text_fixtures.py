@@ -10,6 +10,10 @@ tests/fixtures/tiny_clip/: a tiny random CLIPTextModel (2 layers, width 32, quic
 captions: no download), and tests/fixtures/tiny_clip_io.safetensors: its ids, mask,
 last_hidden_state and pooler_output for the prompts padded to 12 tokens.
 
+tests/fixtures/tiny_t5/ and tiny_t5_io.safetensors: the same for a tiny random T5EncoderModel
+(gated-GELU as Flan-T5) with a Unigram tokenizer in T5's layout (Metaspace, </s> appended):
+ids, mask, last_hidden_state under the attention mask, and the mean over real tokens.
+
 Run:  /opt/pyref/bin/python tools/make_text_fixtures.py --model ~/.cache/dit/all-MiniLM-L6-v2
       (needs torch, transformers, tokenizers, safetensors)
 """
@@ -93,6 +97,42 @@ def main():
     os.chmod(OUT, 0o644)
     print("wrote", os.path.abspath(OUT), tuple(hidden.shape))
     tiny_clip()
+    tiny_t5()
+
+
+def tiny_t5():
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5Config, T5EncoderModel
+    out_dir = os.path.join(FIX, "tiny_t5")
+    os.makedirs(out_dir, exist_ok=True)
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(PROMPTS * 10, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.Metaspace()
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=tok.get_vocab_size(), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
+                   eos_token_id=1, decoder_start_token_id=0)
+    model = T5EncoderModel(cfg).eval()
+    model.save_pretrained(out_dir)
+    tok.enable_padding(length=12, pad_id=0, pad_token="<pad>")
+    tok.enable_truncation(max_length=12)
+    enc = tok.encode_batch(PROMPTS)
+    ids = torch.tensor([e.ids for e in enc])
+    mask = torch.tensor([e.attention_mask for e in enc])
+    with torch.no_grad():
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).float()
+    pooled = (h * m).sum(1) / m.sum(1)
+    save_file({"ids": ids.to(torch.int64), "mask": mask.to(torch.int64), "tokens": h.contiguous(),
+               "pooled": pooled.contiguous()}, os.path.join(FIX, "tiny_t5_io.safetensors"))
+    for f in os.listdir(out_dir):
+        os.chmod(os.path.join(out_dir, f), 0o644)
+    print("wrote", out_dir)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@
 //! - CLIP text models (`CLIPTextModel` folders, e.g. openai/clip-vit-large-patch14's text tower,
 //!   GenTron's CLIP-L): token embeddings are the final-LayerNorm hidden states (causal
 //!   attention), the pooled embedding is the hidden state at the end-of-text token, as
-//!   `transformers`' `pooler_output`.
+//!   `transformers`' `pooler_output`;
+//! - T5 encoders (`T5EncoderModel` / T5 folders, e.g. Flan-T5-XXL, GenTron's other encoder):
+//!   token embeddings are the encoder's last hidden states; T5 has no pooled output, so the
+//!   pooled embedding is their mean over the real tokens. candle's T5 takes no attention mask, so
+//!   each prompt runs at its own length and the rest is zero padding (what a mask would give).
 
 use std::path::Path;
 
@@ -21,6 +25,7 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
 };
+use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::model::TextBatch;
@@ -31,6 +36,8 @@ enum Network {
     Bert(BertModel),
     /// With the id of its end-of-text token.
     Clip(ClipTextTransformer, u32),
+    /// candle's T5 keeps a key/value cache, hence `&mut` to run it.
+    T5(std::sync::Mutex<T5EncoderModel>),
 }
 
 /// A loaded text encoder.
@@ -56,12 +63,12 @@ impl TextEncoder {
         let config: serde_json::Value =
             serde_json::from_str(&read("config.json")?).map_err(|e| bad(dir, e))?;
         let kind = config["model_type"].as_str().unwrap_or("").to_string();
-        if !["bert", "clip_text_model", "clip"].contains(&kind.as_str()) {
+        if !["bert", "clip_text_model", "clip", "t5"].contains(&kind.as_str()) {
             return Err(bad(
                 dir,
                 format!(
-                    "model_type '{kind}' is not supported (BERT sentence encoders and CLIP text \
-                     models are)"
+                    "model_type '{kind}' is not supported (BERT sentence encoders, CLIP text \
+                     models and T5 encoders are)"
                 ),
             ));
         }
@@ -111,6 +118,11 @@ impl TextEncoder {
                 };
                 let clip = ClipTextTransformer::new(vb, &cfg).map_err(|e| bad(dir, e))?;
                 (Network::Clip(clip, eos), cfg.embed_dim)
+            }
+            "t5" => {
+                let cfg: T5Config = serde_json::from_value(config).map_err(|e| bad(dir, e))?;
+                let t5 = T5EncoderModel::load(vb, &cfg).map_err(|e| bad(dir, e))?;
+                (Network::T5(std::sync::Mutex::new(t5)), cfg.d_model)
             }
             _ => unreachable!("model types checked above"),
         };
@@ -187,9 +199,7 @@ impl TextEncoder {
             Network::Bert(bert) => {
                 let tokens = bert.forward(&ids, &ids.zeros_like()?, Some(&mask_u32))?;
                 // Mean over the real tokens (sentence-transformers' pooling), L2-normalised.
-                let summed = tokens.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
-                let mut pooled =
-                    summed.broadcast_div(&mask.sum_keepdim(1)?.clamp(1e-9, f64::MAX)?)?;
+                let mut pooled = masked_mean(&tokens, &mask)?;
                 if self.normalize {
                     let norm = pooled
                         .sqr()?
@@ -214,6 +224,23 @@ impl TextEncoder {
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 (tokens, Tensor::stack(&pooled, 0)?)
             }
+            Network::T5(t5) => {
+                let mut t5 = t5
+                    .lock()
+                    .map_err(|_| Error::Input("T5 encoder poisoned".into()))?;
+                let (n, s) = ids.dims2()?;
+                let lens: Vec<u32> = mask_u32.sum(1)?.to_vec1()?;
+                let mut rows = Vec::with_capacity(n);
+                for (i, &len) in lens.iter().enumerate() {
+                    let len = (len as usize).max(1);
+                    let h = t5.forward(&ids.get(i)?.narrow(0, 0, len)?.unsqueeze(0)?)?;
+                    t5.clear_kv_cache();
+                    rows.push(h.squeeze(0)?.pad_with_zeros(0, 0, s - len)?);
+                }
+                let tokens = Tensor::stack(&rows, 0)?;
+                let pooled = masked_mean(&tokens, &mask)?;
+                (tokens, pooled)
+            }
         };
         Ok(TextBatch {
             tokens,
@@ -221,4 +248,10 @@ impl TextEncoder {
             pooled,
         })
     }
+}
+
+/// Mean of the token embeddings (N, S, D) over the real tokens of `mask` (N, S).
+fn masked_mean(tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let summed = tokens.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
+    Ok(summed.broadcast_div(&mask.sum_keepdim(1)?.clamp(1.0, f64::MAX)?)?)
 }

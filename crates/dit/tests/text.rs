@@ -15,18 +15,12 @@ fn minilm_matches_transformers_and_sentence_transformers_pooling() {
         .unwrap();
     let enc = TextEncoder::load(&dir, 16, &Device::Cpu).unwrap();
     assert_eq!(enc.width(), 384);
-    let prompts = [
-        "a red circle in the top left on a blue background",
-        "",
-        "Two GREEN squares!",
-        "a very long prompt that goes on and on well past the sixteen tokens it may keep",
-    ];
     // Tokenisation: ids and the padding mask, the long prompt cut to 16.
-    let (ids, mask) = enc.tokenize(&prompts).unwrap();
+    let (ids, mask) = enc.tokenize(&PROMPTS).unwrap();
     let as_i64 = |t: &Tensor| t.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
     assert_eq!(as_i64(&ids), as_i64(&f["ids"]));
     assert_eq!(as_i64(&mask), as_i64(&f["mask"]));
-    let batch = enc.encode(&prompts).unwrap();
+    let batch = enc.encode(&PROMPTS).unwrap();
     assert_eq!(batch.tokens.dims(), [4, 16, 384]);
     // Padded positions' hidden states are not used downstream (the mask hides them), but
     // transformers computes them too: compare everything.
@@ -40,37 +34,47 @@ fn minilm_matches_transformers_and_sentence_transformers_pooling() {
     assert!(dot < 0.9, "{dot}");
 }
 
-/// A CLIP text tower (tiny, random weights, saved by `transformers`, with a byte-level BPE
-/// tokenizer in CLIP's layout) against `transformers`' CLIPTextModel: ids, mask, the hidden
-/// states of the real tokens, and the pooled end-of-text state.
-#[test]
-fn clip_text_model_matches_transformers() {
-    let f =
-        candle_core::safetensors::load(common::fixture("tiny_clip_io.safetensors"), &Device::Cpu)
-            .unwrap();
-    let enc = TextEncoder::load(&common::fixture("tiny_clip"), 12, &Device::Cpu).unwrap();
-    assert_eq!(enc.width(), 32);
-    let prompts = [
-        "a red circle in the top left on a blue background",
-        "",
-        "Two GREEN squares!",
-        "a very long prompt that goes on and on well past the sixteen tokens it may keep",
-    ];
-    let (ids, mask) = enc.tokenize(&prompts).unwrap();
+const PROMPTS: [&str; 4] = [
+    "a red circle in the top left on a blue background",
+    "",
+    "Two GREEN squares!",
+    "a very long prompt that goes on and on well past the sixteen tokens it may keep",
+];
+
+/// A tiny random encoder saved by `transformers` with a tokenizer in its family's layout
+/// (tools/make_text_fixtures.py) against `transformers` itself: ids, mask, the hidden states of
+/// the real tokens (padded positions are masked downstream), and the pooled embedding.
+fn check_tiny_encoder(name: &str, width: usize) {
+    let io = format!("{name}_io.safetensors");
+    let f = candle_core::safetensors::load(common::fixture(&io), &Device::Cpu).unwrap();
+    let enc = TextEncoder::load(&common::fixture(name), 12, &Device::Cpu).unwrap();
+    assert_eq!(enc.width(), width);
+    let (ids, mask) = enc.tokenize(&PROMPTS).unwrap();
     let as_i64 = |t: &Tensor| t.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
-    assert_eq!(as_i64(&ids), as_i64(&f["ids"]));
-    assert_eq!(as_i64(&mask), as_i64(&f["mask"]));
-    let batch = enc.encode(&prompts).unwrap();
-    // Padded positions are masked downstream (and transformers masks them differently): compare
-    // the real ones.
+    assert_eq!(as_i64(&ids), as_i64(&f["ids"]), "{name} ids");
+    assert_eq!(as_i64(&mask), as_i64(&f["mask"]), "{name} mask");
+    let batch = enc.encode(&PROMPTS).unwrap();
     let m = batch.mask.unsqueeze(2).unwrap();
     let d = common::max_abs_diff(
         &batch.tokens.broadcast_mul(&m).unwrap(),
         &f["tokens"].broadcast_mul(&m).unwrap(),
     );
-    assert!(d < 1e-5, "token embeddings differ by {d}");
+    assert!(d < 1e-5, "{name} token embeddings differ by {d}");
     let d = common::max_abs_diff(&batch.pooled, &f["pooled"]);
-    assert!(d < 1e-5, "pooled embeddings differ by {d}");
+    assert!(d < 1e-5, "{name} pooled embeddings differ by {d}");
+}
+
+/// CLIP's text tower (GenTron's CLIP-L family): causal attention, end-of-text pooled state.
+#[test]
+fn clip_text_model_matches_transformers() {
+    check_tiny_encoder("tiny_clip", 32);
+}
+
+/// T5's encoder (GenTron's Flan-T5 family; gated GELU): bidirectional attention under the padding
+/// mask, mean-pooled.
+#[test]
+fn t5_encoder_matches_transformers() {
+    check_tiny_encoder("tiny_t5", 32);
 }
 
 #[test]
