@@ -14,6 +14,10 @@ tests/fixtures/tiny_t5/ and tiny_t5_io.safetensors: the same for a tiny random T
 (gated-GELU as Flan-T5) with a Unigram tokenizer in T5's layout (Metaspace, </s> appended):
 ids, mask, last_hidden_state under the attention mask, and the mean over real tokens.
 
+The tiny tokenizers are trained afresh on each run and `tokenizers`' trainers are not
+deterministic, so a rerun may write another vocabulary; each tokenizer.json and its _io file are
+written together and stay consistent, which is all the tests rely on.
+
 Run:  /opt/pyref/bin/python tools/make_text_fixtures.py --model ~/.cache/dit/all-MiniLM-L6-v2
       (needs torch, transformers, tokenizers, safetensors)
 """
@@ -29,6 +33,14 @@ PROMPTS = ["a red circle in the top left on a blue background", "", "Two GREEN s
            "a very long prompt that goes on and on well past the sixteen tokens it may keep"]
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 OUT = os.path.join(FIX, "minilm.safetensors")
+
+
+def padded_ids(tok, length, pad_id=0, pad_token="[PAD]"):
+    """Token ids and attention mask of PROMPTS, padded or cut to `length`."""
+    tok.enable_padding(length=length, pad_id=pad_id, pad_token=pad_token)
+    tok.enable_truncation(max_length=length)
+    enc = tok.encode_batch(PROMPTS)
+    return torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc])
 
 
 def clip_tokenizer():
@@ -63,11 +75,7 @@ def tiny_clip():
                          projection_dim=32)
     model = CLIPTextModel(cfg).eval()
     model.save_pretrained(out_dir)
-    tok.enable_padding(length=12, pad_id=1, pad_token="<|endoftext|>")
-    tok.enable_truncation(max_length=12)
-    enc = tok.encode_batch(PROMPTS)
-    ids = torch.tensor([e.ids for e in enc])
-    mask = torch.tensor([e.attention_mask for e in enc])
+    ids, mask = padded_ids(tok, 12, pad_id=1, pad_token="<|endoftext|>")
     with torch.no_grad():
         o = model(input_ids=ids, attention_mask=mask)
     save_file({"ids": ids.to(torch.int64), "mask": mask.to(torch.int64),
@@ -81,11 +89,7 @@ def main():
     ap.add_argument("--model", required=True)
     a = ap.parse_args()
     tok = Tokenizer.from_file(os.path.join(a.model, "tokenizer.json"))
-    tok.enable_padding(length=16)
-    tok.enable_truncation(max_length=16)
-    enc = tok.encode_batch(PROMPTS)
-    ids = torch.tensor([e.ids for e in enc])
-    mask = torch.tensor([e.attention_mask for e in enc])
+    ids, mask = padded_ids(tok, 16)
     model = BertModel.from_pretrained(a.model).eval()
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
@@ -119,11 +123,7 @@ def tiny_t5():
                    eos_token_id=1, decoder_start_token_id=0)
     model = T5EncoderModel(cfg).eval()
     model.save_pretrained(out_dir)
-    tok.enable_padding(length=12, pad_id=0, pad_token="<pad>")
-    tok.enable_truncation(max_length=12)
-    enc = tok.encode_batch(PROMPTS)
-    ids = torch.tensor([e.ids for e in enc])
-    mask = torch.tensor([e.attention_mask for e in enc])
+    ids, mask = padded_ids(tok, 12, pad_id=0, pad_token="<pad>")
     with torch.no_grad():
         h = model(input_ids=ids, attention_mask=mask).last_hidden_state
     m = mask.unsqueeze(-1).float()
