@@ -204,10 +204,11 @@ def block_designs_fixture(gen):
     save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "block_designs.safetensors"))
 
 
-def gentron_forward(w, cfg, x, t, text, mask, pooled):
+def gentron_forward(w, cfg, x, t, texts, pooled):
     """A text-conditioned DiT as GenTron (arXiv 2312.04557, §3.2): adaLN-Zero blocks driven by
     t_emb + MLP(pooled text), and after self-attention x + CrossAttn(LN(x), text tokens) with the
-    padded tokens masked out."""
+    padded tokens masked out. `texts` is [(tokens, mask)] per text encoder; with two (GenTron's
+    CLIP + T5) block i attends to encoder i mod 2."""
     D, p, H = cfg["hidden"], cfg["patch"], cfg["heads"]
     N, C, Hh, Ww = x.shape
     lin = lambda z, n: F.linear(z, w[n + ".weight"], w[n + ".bias"])
@@ -217,9 +218,10 @@ def gentron_forward(w, cfg, x, t, text, mask, pooled):
                                         None if n is None else w[n + ".bias"], eps=1e-6)
     heads = lambda z: z.reshape(N, z.shape[1], H, D // H).transpose(1, 2)
     merge = lambda z: z.transpose(1, 2).reshape(N, -1, D)
-    keep = mask.bool()[:, None, None, :]
     for i in range(cfg["depth"]):
         b = f"blocks.{i}."
+        text, mask = texts[i % len(texts)]
+        keep = mask.bool()[:, None, None, :]
         m = lin(F.silu(c), b + "adaLN_modulation.1").chunk(6, dim=1)
         q, k, v = lin(modulate(ln(h), m[0], m[1]), b + "attn.qkv").chunk(3, dim=-1)
         o = merge(F.scaled_dot_product_attention(heads(q), heads(k), heads(v)))
@@ -261,10 +263,45 @@ def gentron_fixture(gen):
     mask = torch.tensor([[1] * S, [1] * 4 + [0] * (S - 4)], dtype=torch.float32)
     text[1, 4:] = 50.0 * torch.randn(S - 4, Ctx, generator=gen)  # garbage under the mask
     pooled = torch.randn(2, P, generator=gen)
-    out = gentron_forward(w, cfg, x, t, text, mask, pooled)
+    out = gentron_forward(w, cfg, x, t, [(text, mask)], pooled)
     f = {k: v for k, v in w.items()} | {"in.x": x, "in.t": t, "in.text": text, "in.mask": mask,
                                          "in.pooled": pooled, "in.out": out}
     save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "gentron.safetensors"))
+
+
+def gentron_pair_fixture():
+    """gentron_pair.safetensors: a tiny GenTron with two text encoders alternating over 3 blocks
+    (blocks 0 and 2 read the first encoder's 7 tokens of width 48, block 1 the second's 5 tokens
+    of width 24), padded rows with garbage under both masks, and the forward pass."""
+    gen = torch.Generator().manual_seed(5)
+    cfg = dict(depth=3, hidden=32, heads=2, patch=2, in_channels=4, out_channels=8, classes=10, latent=4)
+    dims = [(48, 7, 3), (24, 5, 2)]  # (width, tokens, the second prompt's real tokens)
+    P = 48
+    w = random_weights(cfg, gen)
+    del w["y_embedder.embedding_table.weight"]
+    D = cfg["hidden"]
+    rnd = lambda *s: torch.randn(s, generator=gen) / math.sqrt(s[-1]) if len(s) > 1 else torch.randn(s, generator=gen) * 0.05
+    w["pooled_embedder.mlp.0.weight"], w["pooled_embedder.mlp.0.bias"] = rnd(D, P), rnd(D)
+    w["pooled_embedder.mlp.2.weight"], w["pooled_embedder.mlp.2.bias"] = rnd(D, D), rnd(D)
+    for i in range(cfg["depth"]):
+        b, ctx = f"blocks.{i}.", dims[i % 2][0]
+        w[b + "norm_cross.weight"] = 1.0 + 0.2 * torch.randn(D, generator=gen)
+        w[b + "norm_cross.bias"] = 0.2 * torch.randn(D, generator=gen)
+        for n, o, fan in [("q", D, D), ("kv", 2 * D, ctx), ("proj", D, D)]:
+            w[b + f"cross_attn.{n}.weight"], w[b + f"cross_attn.{n}.bias"] = rnd(o, fan), rnd(o)
+    x = torch.randn(2, 4, 4, 4, generator=gen)
+    t = torch.tensor([3, 920])
+    texts, f = [], {}
+    for j, (ctx, S, real) in enumerate(dims):
+        text = torch.randn(2, S, ctx, generator=gen)
+        mask = torch.tensor([[1] * S, [1] * real + [0] * (S - real)], dtype=torch.float32)
+        text[1, real:] = 50.0 * torch.randn(S - real, ctx, generator=gen)
+        texts.append((text, mask))
+        f[f"in.text{j}"], f[f"in.mask{j}"] = text, mask
+    pooled = torch.randn(2, P, generator=gen)
+    out = gentron_forward(w, cfg, x, t, texts, pooled)
+    f |= {k: v for k, v in w.items()} | {"in.x": x, "in.t": t, "in.pooled": pooled, "in.out": out}
+    save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "gentron_pair.safetensors"))
 
 
 # ---------------------------------------------------------------- cross-check with diffusers
@@ -540,4 +577,5 @@ if __name__ == "__main__":
               os.path.join(OUT, "respacing.safetensors"))
     block_designs_fixture(gen)
     gentron_fixture(gen)
+    gentron_pair_fixture()
     print("fixtures written to", os.path.abspath(OUT))

@@ -15,7 +15,8 @@ use crate::sample::DTypeArg;
 
 #[derive(Args)]
 pub struct ExtractArgs {
-    /// Image folder: one sub-folder per class (class index = sorted folder order).
+    /// Image folder: one sub-folder per class (class index = sorted folder order), or a captioned
+    /// set (see `dit train --data`), whose captions the store keeps.
     data: PathBuf,
     /// Output folder for the latent store.
     #[arg(long)]
@@ -43,7 +44,7 @@ pub fn run(a: ExtractArgs, device: &Device) -> Result<()> {
         bail!("--image-size and --batch-size must be at least 1");
     }
     let dtype = a.dtype.dtype_on(device)?;
-    let folder = ImageFolder::open(&a.data)?;
+    let folder = ImageFolder::open_any(&a.data)?;
     let vae = dit::vae::Vae::open(&a.vae, dtype, device)?;
     if !a.image_size.is_multiple_of(vae.factor) {
         bail!(
@@ -58,6 +59,7 @@ pub fn run(a: ExtractArgs, device: &Device) -> Result<()> {
         [c, s, s],
         a.image_size,
         folder.classes.clone(),
+        folder.captions.clone(),
         a.shard_size,
     )?;
     let mut rng = NoiseRng::new(a.seed);
@@ -97,9 +99,12 @@ pub fn run(a: ExtractArgs, device: &Device) -> Result<()> {
     }
     bar.finish();
     let n = store.finish()?;
+    let labels = match &folder.captions {
+        Some(c) => format!("{} captions", c.len()),
+        None => format!("{} classes", folder.classes.len()),
+    };
     println!(
-        "wrote {n} latents ({} classes, {c}x{s}x{s}) to {}; {skipped} unreadable images skipped",
-        folder.classes.len(),
+        "wrote {n} latents ({labels}, {c}x{s}x{s}) to {}; {skipped} unreadable images skipped",
         a.out.display()
     );
     Ok(())

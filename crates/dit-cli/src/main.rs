@@ -4,6 +4,7 @@ mod bench;
 mod edit;
 mod eval;
 mod eval_builtin;
+mod eval_shapes;
 mod extract;
 mod launch;
 mod sample;
@@ -54,7 +55,8 @@ enum Command {
     },
     /// Time the forward pass (and the VAE decode) of our implementation.
     Bench(bench::BenchArgs),
-    /// Train a DiT on the built-in MNIST digits (checkpoints, JSONL log, resume).
+    /// Train a DiT: on the built-in digits or shapes, a latent store, a class folder or a
+    /// captioned set (checkpoints, JSONL log, sample grids, resume).
     Train(Box<train::TrainArgs>),
     /// The ADM evaluation suite on two image batches (.npz): FID, sFID, Inception Score,
     /// precision and recall, on the FID Inception network.
@@ -62,6 +64,9 @@ enum Command {
     /// Score a model of the built-in digits: classifier accuracy per class and a Fréchet
     /// distance to real digits in the classifier's feature space.
     EvalBuiltin(Box<eval_builtin::EvalBuiltinArgs>),
+    /// Score a text model of the built-in shapes: how often colour, shape, position and
+    /// background of its images match the caption, for held-out and seen captions.
+    EvalShapes(Box<eval_shapes::EvalShapesArgs>),
     /// Train the classifier that `eval-builtin` uses, on the built-in digits.
     TrainClassifier(eval_builtin::TrainClassifierArgs),
     /// Forward-pass Gflops (multiply-accumulates, as the paper counts) and parameters.
@@ -129,6 +134,7 @@ fn run(command: Command, device: &candle_core::Device) -> anyhow::Result<()> {
         } => convert(&input, &output, half),
         Command::Bench(args) => bench::run(args, device),
         Command::Train(args) => train::run(*args, device),
+        Command::EvalShapes(args) => eval_shapes::run(*args, device),
         Command::Eval(args) => eval::run(*args, device),
         Command::EvalBuiltin(args) => eval_builtin::run(*args, device),
         Command::TrainClassifier(args) => eval_builtin::train_classifier(args, device),

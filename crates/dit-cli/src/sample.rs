@@ -287,16 +287,7 @@ fn run_text(
     if a.prompt.is_empty() {
         bail!("a text-conditioned model needs --prompt");
     }
-    let dir = match &a.text_encoder {
-        Some(d) => d.clone(),
-        None => std::env::var_os("DIT_MINILM")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME")
-                    .map(|h| PathBuf::from(h).join(".cache/dit/all-MiniLM-L6-v2"))
-            })
-            .context("no --text-encoder")?,
-    };
+    let dir = crate::train::text_encoder_dir(a.text_encoder.as_ref())?;
     let encoder = dit::text::TextEncoder::load(&dir, text.max_tokens, device)
         .with_context(|| "run tools/fetch-minilm.sh, or pass --text-encoder".to_string())?;
     if encoder.width() != text.context_dim || encoder.width() != text.pooled_dim {

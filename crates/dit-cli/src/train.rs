@@ -1,5 +1,7 @@
-//! `dit train`: train a class-conditional DiT on the built-in MNIST digits (pixel space, the
-//! default), a latent store from `dit extract-latents`, or an image folder.
+//! `dit train`: train a DiT on the built-in MNIST digits (pixel space, the default) or shapes, a
+//! latent store from `dit extract-latents`, or an image folder. Class folders train
+//! class-conditional models; captioned sets (`.txt` beside images, JSON Lines, the emoji package,
+//! the built-in shapes) train text-conditioned (GenTron) ones on cached text embeddings.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,11 +10,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use dit::config::BlockDesign;
+use dit::config::{BlockDesign, TextConditioning};
+use dit::data::text_cache::TextCache;
 use dit::data::TrainingSet;
 use dit::diffusion::{LossKind, Prediction, Schedule};
 use dit::rng::NoiseRng;
-use dit::train::{batch_indices, reference_init, TrainConfig, Trainer};
+use dit::train::{batch_indices, reference_init, Conditions, TrainConfig, Trainer};
 use dit::DiTConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -49,6 +52,16 @@ impl From<BlockArg> for BlockDesign {
     }
 }
 
+/// The embedded training sets.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BuiltinArg {
+    /// 10,000 MNIST digits, 28x28 grey, 10 classes.
+    Mnist,
+    /// Rendered captioned shapes ("a red circle in the top left on a black background"), RGB;
+    /// the held-out caption combinations are left out (`dit eval-shapes` measures them).
+    Shapes,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum LossArg {
     Mse,
@@ -59,18 +72,36 @@ pub enum LossArg {
 pub struct TrainArgs {
     /// Training data: a latent store (from `dit extract-latents`) or an image folder (one
     /// sub-folder per class). Default: the built-in digits.
+    /// Captioned data trains a text-conditioned model: a folder of images with `.txt` captions
+    /// beside them, a `.jsonl` of file_name / text pairs (or a folder with `metadata.jsonl`), or
+    /// the npm package `emoji-datasource-google`'s folder.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Image folders: centre-crop size in pixels.
-    #[arg(long, default_value_t = 256)]
-    image_size: usize,
+    /// Without --data: which embedded set.
+    #[arg(long, value_enum, default_value = "mnist")]
+    builtin: BuiltinArg,
+    /// Image folders: centre-crop size in pixels [default: 256; built-in shapes: 32].
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Built-in shapes: renderings of each training caption.
+    #[arg(long, default_value_t = 16)]
+    per_caption: usize,
+    /// Captioned data: the text encoder folder (default: `$DIT_MINILM`, else the folder
+    /// `tools/fetch-minilm.sh` writes, ~/.cache/dit/all-MiniLM-L6-v2). Captions are encoded once
+    /// into OUT/text-embeddings.safetensors.
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// Captioned data: captions are cut to this many tokens.
+    #[arg(long, default_value_t = 77)]
+    max_tokens: usize,
     /// Image folders without --vae: train in pixel space on 1 (grey) or 3 (RGB) channels.
     #[arg(long, default_value_t = 3)]
     channels: usize,
     /// Image folders: encode each batch with this VAE (a latent model), as `dit sample --vae`.
     #[arg(long)]
     vae: Option<String>,
-    /// A named config (DiT-S/2 … DiT-XL/8) instead of --depth/--hidden/--heads/--patch.
+    /// A named config (DiT-S/2 … DiT-XL/8; GenTron-XL/2, GenTron-G/2 for captioned data)
+    /// instead of --depth/--hidden/--heads/--patch.
     #[arg(long)]
     model: Option<String>,
     /// Noise schedule of a new model (DiT: linear).
@@ -167,6 +198,12 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
     let leader = worker.as_ref().is_none_or(|w| w.rank == 0);
     let data = training_set(&a, dev)?;
     let (channels, size) = data.input()?;
+    // Captioned data: every caption encoded once, up front (the encoder is frozen).
+    let text = match data.captions() {
+        Some(captions) => Some(text_cache(&a, captions, dev)?),
+        None => None,
+    };
+    let widths = text.as_ref().map(|t| t.widths()).transpose()?;
     let cfg = TrainConfig {
         // With no --data, the embedded model's recipe (a short run); otherwise the paper's.
         lr: a.lr.unwrap_or(if a.data.is_none() { 3e-4 } else { 1e-4 }),
@@ -184,17 +221,38 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
     let (mut tr, mut pos) = match &a.resume {
         Some(dir) => Trainer::resume(dir, cfg, dev)?,
         None => {
-            let (model, init) = initial_weights(&a, channels, size, data.num_classes())?;
+            let input = NewModel {
+                channels,
+                size,
+                num_classes: data.num_classes(),
+                text: widths.map(|(context_dim, pooled_dim)| TextConditioning {
+                    context_dim,
+                    pooled_dim,
+                    max_tokens: a.max_tokens,
+                }),
+            };
+            let (model, init) = initial_weights(&a, &input)?;
             (Trainer::new(&model, init, cfg, a.seed, dev)?, 0)
         }
     };
     let mc = &tr.model.config;
+    match (&mc.text, widths) {
+        (None, Some(_)) => bail!("the data is captioned but the model is class-conditional"),
+        (Some(_), None) => bail!("the model is text-conditioned but the data has no captions"),
+        (Some(t), Some((c, p))) if (t.context_dim, t.pooled_dim) != (c, p) => bail!(
+            "the model takes {}-wide text tokens and {}-wide pooled text, the text encoder gives {c} and {p}",
+            t.context_dim,
+            t.pooled_dim
+        ),
+        _ => {}
+    }
     if (mc.in_channels, mc.input_size) != (channels, size) || mc.num_classes < data.num_classes() {
         bail!(
             "the model takes {} channels at {}x{} with {} classes but the data has {channels} at {size}x{size} with {}",
             mc.in_channels, mc.input_size, mc.input_size, mc.num_classes, data.num_classes()
         );
     }
+    tr.empty_prompt = text.as_ref().map(|t| t.empty.clone());
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let log_path = a.out.join("log.jsonl");
@@ -218,9 +276,14 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
         let idx = batch_indices(n, a.seed, pos, a.global_batch_size);
         let mine = &idx[rows.clone()];
         let (x, labels) = data.batch(mine, a.flip, a.seed, pos + rows.start, dev)?;
-        let loss = tr.step_sharded(
+        let prompts = text.as_ref().map(|t| t.batch(&labels)).transpose()?;
+        let cond = match &prompts {
+            Some(p) => Conditions::Text(p),
+            None => Conditions::Labels(&labels),
+        };
+        let loss = tr.step_conditioned(
             &x,
-            &labels,
+            cond,
             rows.clone(),
             a.global_batch_size,
             micro,
@@ -268,7 +331,7 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
         }
         if a.sample_every > 0 && (step % a.sample_every == 0 || step == a.steps) {
             let path = a.out.join("samples").join(format!("step-{step:07}.png"));
-            bar.suspend(|| sample_grid(&tr, &path))?;
+            bar.suspend(|| sample_grid(&tr, text.as_ref(), &path))?;
         }
     }
     bar.finish();
@@ -285,16 +348,28 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
 fn training_set(a: &TrainArgs, dev: &Device) -> Result<TrainingSet> {
     use dit::data::latents::LatentStore;
     let Some(dir) = &a.data else {
-        return Ok(TrainingSet::Images(dit::data::mnist(dev)?));
+        return Ok(TrainingSet::Images(match a.builtin {
+            BuiltinArg::Mnist => dit::data::mnist(dev)?,
+            BuiltinArg::Shapes => {
+                if a.flip {
+                    bail!(
+                        "--flip would swap the shapes' left and right, which their captions name"
+                    );
+                }
+                let size = a.image_size.unwrap_or(32);
+                dit::data::shapes::training_set(size, a.per_caption.max(1), a.seed, dev)?
+            }
+        }));
     };
     if LatentStore::is_store(dir) {
         return Ok(TrainingSet::Latents(LatentStore::open(dir)?));
     }
-    let folder = dit::data::folder::ImageFolder::open(dir)?;
+    let folder = dit::data::folder::ImageFolder::open_any(dir)?;
+    let image_size = a.image_size.unwrap_or(256);
     let vae = match &a.vae {
         Some(v) => {
             let vae = dit::vae::Vae::open(v, candle_core::DType::F32, dev)?;
-            if !a.image_size.is_multiple_of(vae.factor) {
+            if !image_size.is_multiple_of(vae.factor) {
                 bail!(
                     "--image-size must be a multiple of the VAE's factor {}",
                     vae.factor
@@ -306,20 +381,77 @@ fn training_set(a: &TrainArgs, dev: &Device) -> Result<TrainingSet> {
     };
     Ok(TrainingSet::Folder {
         folder,
-        size: a.image_size,
+        size: image_size,
         channels: a.channels,
         vae,
     })
 }
 
-/// The config and starting weights of a new run: fine-tuned from `--init`, a named config, or
-/// the custom dimensions; reference initialisation for the latter two.
-fn initial_weights(
-    a: &TrainArgs,
+/// What the data asks of a new model.
+struct NewModel {
     channels: usize,
     size: usize,
     num_classes: usize,
-) -> Result<(DiTConfig, dit::checkpoint::Tensors)> {
+    /// Captioned data: the text encoder's widths.
+    text: Option<TextConditioning>,
+}
+
+/// The text encoder named by `--text-encoder` (or the default), and its identity for the cache.
+pub fn text_encoder_dir(arg: Option<&PathBuf>) -> Result<PathBuf> {
+    match arg {
+        Some(d) => Ok(d.clone()),
+        None => std::env::var_os("DIT_MINILM")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|h| PathBuf::from(h).join(".cache/dit/all-MiniLM-L6-v2"))
+            })
+            .context("no --text-encoder and no HOME"),
+    }
+}
+
+/// The captions' embeddings: OUT/text-embeddings.safetensors if it was made for these captions
+/// by this encoder, else encoded now (with a progress bar) and saved there.
+fn text_cache(a: &TrainArgs, captions: &[String], dev: &Device) -> Result<TextCache> {
+    let dir = text_encoder_dir(a.text_encoder.as_ref())?;
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+    let id = format!("{} max_tokens={}", canonical.display(), a.max_tokens);
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let path = a.out.join("text-embeddings.safetensors");
+    let bar = ProgressBar::new(captions.len() as u64).with_style(ProgressStyle::with_template(
+        "encoding captions [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}",
+    )?);
+    let (cache, built) = TextCache::load_or_build(
+        &path,
+        captions,
+        &id,
+        || {
+            dit::text::TextEncoder::load(&dir, a.max_tokens, dev).map_err(|e| {
+                dit::Error::Input(format!(
+                    "{e} (run tools/fetch-minilm.sh, or pass --text-encoder)"
+                ))
+            })
+        },
+        |done| bar.set_position(done as u64),
+        dev,
+    )?;
+    bar.finish_and_clear();
+    if built {
+        println!(
+            "encoded {} captions with {} into {}",
+            cache.len(),
+            dir.display(),
+            path.display()
+        );
+    }
+    Ok(cache)
+}
+
+/// The config and starting weights of a new run: fine-tuned from `--init`, a named config, or
+/// the custom dimensions; reference initialisation for the latter two.
+fn initial_weights(a: &TrainArgs, m: &NewModel) -> Result<(DiTConfig, dit::checkpoint::Tensors)> {
+    let (channels, size, num_classes) = (m.channels, m.size, m.num_classes);
     if let Some(path) = &a.init {
         let (cfg, mut w) = if path.is_dir() {
             let (cfg, w) = dit::checkpoint::read_training_dir(path)?;
@@ -353,9 +485,18 @@ fn initial_weights(
     }
     let model = match &a.model {
         Some(name) => {
-            let mut cfg = DiTConfig::named(name, size * 8)?;
+            let mut cfg = match (name.starts_with("GenTron-"), m.text) {
+                (true, Some(text)) => DiTConfig::gentron(name, size * 8, text)?,
+                (true, None) => {
+                    bail!("{name} is a text-to-image model: train it on captioned data")
+                }
+                (false, _) => DiTConfig::named(name, size * 8)?,
+            };
             (cfg.in_channels, cfg.input_size, cfg.num_classes) = (channels, size, num_classes);
-            cfg.block = a.block.into();
+            cfg.text = m.text;
+            if m.text.is_none() {
+                cfg.block = a.block.into();
+            }
             cfg
         }
         None => DiTConfig {
@@ -371,7 +512,7 @@ fn initial_weights(
             schedule: Default::default(),
             prediction: Default::default(),
             block: a.block.into(),
-            text: None,
+            text: m.text,
         },
     };
     let model = with_target(model, a);
@@ -394,35 +535,59 @@ fn with_target(mut cfg: DiTConfig, a: &TrainArgs) -> DiTConfig {
     cfg
 }
 
-/// Two samples per class from the EMA weights (50 DDPM steps, guidance 4), as one grid.
-fn sample_grid(tr: &Trainer, path: &std::path::Path) -> Result<()> {
+/// From the EMA weights (50 DDPM steps, guidance 4), one grid: two samples per class (the first
+/// ten), or for a text model two per prompt of eight captions spread over the list.
+fn sample_grid(tr: &Trainer, text: Option<&TextCache>, path: &std::path::Path) -> Result<()> {
     let cfg = &tr.model.config;
     let ema = tr.ema.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let dev = tr.model.device();
     let model = dit::checkpoint::build_model(cfg, ema, candle_core::DType::F32, dev)?;
-    let labels: Vec<usize> = (0..2).flat_map(|_| 0..cfg.num_classes.min(10)).collect();
+    let per_row = match text {
+        Some(t) => t.len().min(8),
+        None => cfg.num_classes.min(10),
+    };
+    // Row-major grid: the same classes (captions) in both rows.
+    let ids: Vec<usize> = match text {
+        Some(t) => (0..per_row).map(|i| i * t.len() / per_row).collect(),
+        None => (0..per_row).collect(),
+    };
+    let ids: Vec<usize> = ids.iter().chain(&ids).copied().collect();
     let mut rng = NoiseRng::new(0);
-    let shape = (
-        labels.len(),
-        cfg.in_channels,
-        cfg.input_size,
-        cfg.input_size,
-    );
+    let shape = (ids.len(), cfg.in_channels, cfg.input_size, cfg.input_size);
     let noise = rng.randn_like(&Tensor::zeros(shape, candle_core::DType::F32, dev)?)?;
     let opts = dit::pipeline::SampleOptions {
         steps: 50,
         clip_denoised: true,
         ..Default::default()
     };
-    let x = dit::pipeline::sample_latents(&model, &labels, noise, &opts, &mut rng, |_| {})?;
+    let x = match text {
+        Some(t) => {
+            let prompts = t.batch(&ids)?;
+            dit::pipeline::sample_latents_text(
+                &model,
+                &prompts,
+                &t.empty,
+                noise,
+                &opts,
+                &mut rng,
+                |_| {},
+            )?
+        }
+        None => dit::pipeline::sample_latents(&model, &ids, noise, &opts, &mut rng, |_| {})?,
+    };
     let rgb = dit::image_io::to_rgb_images(&x.clamp(-1f32, 1f32)?)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    dit::image_io::save_png(
-        &dit::image_io::make_grid(&rgb, cfg.num_classes.min(10), 2),
-        path,
-    )?;
+    dit::image_io::save_png(&dit::image_io::make_grid(&rgb, per_row, 2), path)?;
+    if let Some(t) = text {
+        // Which caption each column shows.
+        let names: Vec<&str> = ids[..per_row]
+            .iter()
+            .map(|&i| t.captions[i].as_str())
+            .collect();
+        std::fs::write(path.with_extension("txt"), names.join("\n") + "\n")?;
+    }
     Ok(())
 }
 

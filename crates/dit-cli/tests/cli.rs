@@ -1096,3 +1096,153 @@ fn eval_scores_sample_many_output_and_caches_reference_statistics() {
     assert_eq!(a, b, "cached reference statistics change nothing: {second}");
     assert_eq!(a["num_samples"], 5);
 }
+
+/// Captioned data trains a text model end to end: captions encoded once into a cache that a
+/// resumed run reuses, checkpoints of a text config, a sample grid with its captions, and the
+/// checkpoint sampling from prompts. (The tiny CLIP fixture stands in for a real encoder.)
+#[test]
+fn captioned_folders_train_text_models_that_resume_and_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("more")).unwrap();
+    let colours = [("red", [220u8, 30, 30]), ("blue", [40, 70, 230])];
+    for (i, (name, rgb)) in colours.iter().enumerate() {
+        for j in 0..2 {
+            let stem = if j == 0 {
+                data.join(format!("{i}"))
+            } else {
+                data.join("more").join(format!("{i}"))
+            };
+            image::RgbImage::from_pixel(12, 12, image::Rgb(*rgb))
+                .save(stem.with_extension("png"))
+                .unwrap();
+            std::fs::write(stem.with_extension("txt"), format!("a {name} square\n")).unwrap();
+        }
+    }
+    let encoder = fixture("tiny_clip");
+    let out = dir.path().join("run");
+    let run = |steps: &str, resume: Option<&Path>| {
+        let mut args = vec![
+            "--data",
+            p(&data),
+            "--image-size",
+            "8",
+            "--patch",
+            "4",
+            "--text-encoder",
+            p(&encoder),
+            "--max-tokens",
+            "12",
+            "--out",
+            p(&out),
+            "--steps",
+            steps,
+            "--batch-size",
+            "4",
+            "--ckpt-every",
+            "2",
+            "--sample-every",
+            "2",
+        ];
+        if let Some(r) = resume {
+            args.extend(["--resume", p(r)]);
+        }
+        train_tiny(&args)
+    };
+    let first = run("2", None);
+    succeeds(&first);
+    assert!(String::from_utf8_lossy(&first.stdout).contains("encoded 2 captions"));
+    let cache = out.join("text-embeddings.safetensors");
+    let cached = candle_core::safetensors::load(&cache, &Device::Cpu).unwrap();
+    // Two captions, trimmed to their real token count (far below --max-tokens), 32 wide.
+    let (n, s, c) = cached["tokens"].dims3().unwrap();
+    assert_eq!((n, c), (2, 32));
+    assert!(s > 2 && s < 12, "{s}");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("step-0000002/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["model"]["num_classes"], 0);
+    assert_eq!(state["model"]["text"]["context_dim"], 32);
+    // Two captions x 2 rows of 8 px tiles (2 px padding); the captions beside it.
+    let grid = image::open(out.join("samples/step-0000002.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (2 * 10 + 2, 2 * 10 + 2));
+    let names = std::fs::read_to_string(out.join("samples/step-0000002.txt")).unwrap();
+    assert_eq!(names, "a blue square\na red square\n");
+    // Resuming reuses the cache (no re-encoding) and continues.
+    let modified = std::fs::metadata(&cache).unwrap().modified().unwrap();
+    let again = run("4", Some(&out.join("step-0000002")));
+    succeeds(&again);
+    assert!(!String::from_utf8_lossy(&again.stdout).contains("encoded"));
+    assert_eq!(
+        std::fs::metadata(&cache).unwrap().modified().unwrap(),
+        modified
+    );
+    assert!(out.join("step-0000004/weights.safetensors").is_file());
+    // The checkpoint samples from prompts with the same encoder.
+    let npy = dir.path().join("s.npy");
+    succeeds(&dit(&[
+        "sample",
+        "--ckpt",
+        p(&out.join("step-0000004")),
+        "--text-encoder",
+        p(&encoder),
+        "--prompt",
+        "a red square",
+        "--steps",
+        "2",
+        "--save-latents",
+        p(&npy),
+        "--no-decode",
+    ]));
+    assert_eq!(Tensor::read_npy(&npy).unwrap().dims(), [1, 3, 8, 8]);
+    // A class model cannot continue on captions.
+    let classes = dir.path().join("classes");
+    succeeds(&train_tiny(&[
+        "--out",
+        p(&classes),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--sample-every",
+        "0",
+    ]));
+    let out2 = dir.path().join("run2");
+    fails_with(
+        &train_tiny(&[
+            "--data",
+            p(&data),
+            "--text-encoder",
+            p(&encoder),
+            "--out",
+            p(&out2),
+            "--resume",
+            p(&classes.join("step-0000001")),
+        ]),
+        "the data is captioned but the model is class-conditional",
+    );
+    // The built-in shapes train a text model too; mirroring them is refused.
+    fails_with(
+        &train_tiny(&["--builtin", "shapes", "--flip", "--out", p(&out2)]),
+        "--flip",
+    );
+    succeeds(&train_tiny(&[
+        "--builtin",
+        "shapes",
+        "--image-size",
+        "8",
+        "--per-caption",
+        "1",
+        "--text-encoder",
+        p(&encoder),
+        "--out",
+        p(&out2),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--sample-every",
+        "0",
+    ]));
+}

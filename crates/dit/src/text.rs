@@ -55,7 +55,8 @@ fn bad(dir: &Path, what: impl std::fmt::Display) -> Error {
 }
 
 impl TextEncoder {
-    /// Loads a model folder; prompts are padded or cut to `max_tokens` tokens.
+    /// Loads a model folder; prompts are padded or cut to `max_tokens` tokens (at most the
+    /// encoder's position table).
     pub fn load(dir: &Path, max_tokens: usize, device: &Device) -> Result<Self> {
         let read = |name: &str| {
             std::fs::read_to_string(dir.join(name)).map_err(|e| bad(dir, format!("{name}: {e}")))
@@ -73,6 +74,14 @@ impl TextEncoder {
             ));
         }
         let pad_id = config["pad_token_id"].as_u64().map(|v| v as u32);
+        // Learned position tables bound the length (CLIP-L 77, BERT 512); T5's relative
+        // positions do not.
+        let positions = match kind.as_str() {
+            "t5" => None,
+            "clip" => config["text_config"]["max_position_embeddings"].as_u64(),
+            _ => config["max_position_embeddings"].as_u64(),
+        };
+        let max_tokens = positions.map_or(max_tokens, |p| max_tokens.min(p as usize));
         let weights = dir.join("model.safetensors");
         // SAFETY: the file is memory-mapped read-only and not modified while loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }

@@ -94,3 +94,75 @@ fn unsupported_or_missing_encoders_are_clear_errors() {
     assert!(err.contains("gpt2"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The caption cache holds what the encoder gives (trimmed to the longest caption, where the
+/// rest is masked padding), survives a save/load, is rebuilt for other captions or another
+/// encoder, and a damaged file is an error.
+#[test]
+fn text_cache_keeps_the_encodings_and_knows_when_it_is_stale() {
+    use dit::data::text_cache::TextCache;
+    let dev = Device::Cpu;
+    let enc = TextEncoder::load(&common::fixture("tiny_clip"), 12, &dev).unwrap();
+    let captions: Vec<String> = ["a red circle", "a blue square on grey", "x"]
+        .map(String::from)
+        .to_vec();
+    let path =
+        std::env::temp_dir().join(format!("dit-text-cache-{}.safetensors", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let load = |caps: &[String], id: &str| {
+        TextCache::load_or_build(
+            &path,
+            caps,
+            id,
+            || TextEncoder::load(&common::fixture("tiny_clip"), 12, &dev),
+            |_| {},
+            &dev,
+        )
+        .unwrap()
+    };
+    let (cache, built) = load(&captions, "clip");
+    assert!(built);
+    let (cache2, built) = load(&captions, "clip");
+    assert!(!built);
+    let full = enc
+        .encode(&["a blue square on grey", "a red circle"])
+        .unwrap();
+    let s = cache.batch(&[0]).unwrap().tokens.dim(1).unwrap();
+    let every = enc
+        .encode(&["a red circle", "a blue square on grey", "x", ""])
+        .unwrap();
+    let real = every.mask.sum(1).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        s,
+        real.iter().fold(0f32, |a, &b| a.max(b)) as usize,
+        "trimmed to the longest caption"
+    );
+    // Beyond s the full encoding's mask is zero: nothing the model sees is lost.
+    assert_eq!(
+        full.mask
+            .narrow(1, s, 12 - s)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    for c in [&cache, &cache2] {
+        let got = c.batch(&[1, 0]).unwrap();
+        assert!(common::max_abs_diff(&got.tokens, &full.tokens.narrow(1, 0, s).unwrap()) < 1e-6);
+        assert!(common::max_abs_diff(&got.mask, &full.mask.narrow(1, 0, s).unwrap()) == 0.0);
+        assert!(common::max_abs_diff(&got.pooled, &full.pooled) < 1e-6);
+        let empty = enc.encode(&[""]).unwrap();
+        assert!(common::max_abs_diff(&c.empty.pooled, &empty.pooled) < 1e-6);
+    }
+    assert!(cache.batch(&[3]).is_err());
+    // Other captions or another encoder: rebuilt.
+    assert!(load(&captions[..2], "clip").1);
+    assert!(load(&captions[..2], "other").1);
+    // A truncated file is an error, not a panic.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(TextCache::load(&path, &dev).is_err());
+    std::fs::remove_file(&path).ok();
+}

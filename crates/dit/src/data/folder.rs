@@ -1,5 +1,6 @@
 //! ImageNet-style image folders: one sub-folder per class, class index = sorted folder order
-//! (as torchvision's `ImageFolder`), and ADM's centre crop.
+//! (as torchvision's `ImageFolder`), and ADM's centre crop. Captioned sets
+//! ([`super::captions`]) use the same type, their labels indexing captions instead.
 
 use std::path::{Path, PathBuf};
 
@@ -14,12 +15,30 @@ const EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "JPEG", "JPG"];
 #[derive(Debug, Clone)]
 pub struct ImageFolder {
     pub root: PathBuf,
-    /// Class names (sub-folder names), sorted; a label indexes this list.
+    /// Class names (sub-folder names), sorted; a label indexes this list. Empty for a captioned
+    /// set.
     pub classes: Vec<String>,
     pub items: Vec<(PathBuf, usize)>,
+    /// A captioned set's distinct captions, sorted; its labels index this list.
+    pub captions: Option<Vec<String>>,
+}
+
+/// Whether a path names an image file this crate reads.
+pub fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.contains(&e))
 }
 
 impl ImageFolder {
+    /// A captioned set ([`super::captions::open`]) when `path` is one, else a class folder.
+    pub fn open_any(path: &Path) -> Result<Self> {
+        match super::captions::open(path)? {
+            Some(set) => Ok(set),
+            None => Self::open(path),
+        }
+    }
+
     pub fn open(root: &Path) -> Result<Self> {
         let io = |source| Error::Io {
             path: root.display().to_string(),
@@ -41,11 +60,7 @@ impl ImageFolder {
                     source,
                 })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| EXTENSIONS.contains(&e))
-                })
+                .filter(|p| is_image(p))
                 .collect();
             files.sort();
             items.extend(files.into_iter().map(|p| (p, label)));
@@ -60,6 +75,7 @@ impl ImageFolder {
             root: root.to_path_buf(),
             classes,
             items,
+            captions: None,
         })
     }
 }
@@ -97,11 +113,20 @@ fn halve(img: &RgbImage) -> RgbImage {
     })
 }
 
-/// Reads an image file as RGB.
+/// Reads an image file as RGB. Transparency is composited onto white (emoji and icons are drawn
+/// for light pages; PIL's `convert("RGB")` would show whatever colour hides under alpha 0).
 pub fn read_rgb(path: &Path) -> Result<RgbImage> {
     let img: DynamicImage = image::open(path)
         .map_err(|e| Error::Input(format!("cannot read image {}: {e}", path.display())))?;
-    Ok(img.to_rgb8())
+    if !img.color().has_alpha() {
+        return Ok(img.to_rgb8());
+    }
+    let rgba = img.to_rgba8();
+    Ok(RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y);
+        let a = p[3] as u32;
+        image::Rgb([0, 1, 2].map(|c| ((p[c] as u32 * a + 255 * (255 - a) + 127) / 255) as u8))
+    }))
 }
 
 /// Square RGB images to (N, C, H, W) in [-1, 1]; `channels` 1 takes the luma (ITU-R 601, as PIL's
@@ -163,6 +188,21 @@ mod tests {
         assert_eq!(out.get_pixel(32, 32)[0], 255);
         assert!(out.get_pixel(20, 32)[0] < 30 && out.get_pixel(44, 32)[0] < 30);
         assert!(out.get_pixel(32, 20)[0] < 30 && out.get_pixel(32, 44)[0] < 30);
+    }
+
+    #[test]
+    fn transparency_is_composited_onto_white() {
+        let path = std::env::temp_dir().join(format!("dit-rgba-{}.png", std::process::id()));
+        let mut img = image::RgbaImage::new(3, 1);
+        img.put_pixel(0, 0, image::Rgba([255, 0, 0, 0])); // invisible red
+        img.put_pixel(1, 0, image::Rgba([0, 0, 0, 128])); // half black
+        img.put_pixel(2, 0, image::Rgba([10, 200, 30, 255]));
+        img.save(&path).unwrap();
+        let rgb = read_rgb(&path).unwrap();
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [127; 3]);
+        assert_eq!(rgb.get_pixel(2, 0).0, [10, 200, 30]);
+        std::fs::remove_file(&path).ok();
     }
 
     #[test]

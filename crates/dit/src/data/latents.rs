@@ -20,6 +20,9 @@ pub struct StoreIndex {
     pub latent_shape: [usize; 3],
     pub image_size: usize,
     pub classes: Vec<String>,
+    /// A captioned set's distinct captions (then `labels` index them and `classes` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captions: Option<Vec<String>>,
     /// (file name, samples) per shard, in order.
     pub shards: Vec<(String, usize)>,
 }
@@ -53,6 +56,7 @@ impl LatentStoreWriter {
         latent_shape: [usize; 3],
         image_size: usize,
         classes: Vec<String>,
+        captions: Option<Vec<String>>,
         shard_size: usize,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -64,6 +68,7 @@ impl LatentStoreWriter {
                 latent_shape,
                 image_size,
                 classes,
+                captions,
                 shards: Vec::new(),
             },
             latents: Vec::new(),
@@ -254,8 +259,9 @@ mod tests {
     fn round_trip_across_shards_with_flips() {
         let dir = std::env::temp_dir().join(format!("dit-store-{}", std::process::id()));
         let dev = Device::Cpu;
-        let mut w = LatentStoreWriter::create(&dir, [2, 2, 2], 16, vec!["a".into(), "b".into()], 3)
-            .unwrap();
+        let mut w =
+            LatentStoreWriter::create(&dir, [2, 2, 2], 16, vec!["a".into(), "b".into()], None, 3)
+                .unwrap();
         let lat = Tensor::arange(0f32, 7.0 * 8.0, &dev)
             .unwrap()
             .reshape((7, 2, 2, 2))

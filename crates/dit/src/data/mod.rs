@@ -8,9 +8,11 @@ use image::GenericImageView;
 
 use crate::{Error, Result};
 
+pub mod captions;
 pub mod folder;
 pub mod latents;
 pub mod shapes;
+pub mod text_cache;
 
 const SHEETS: [&[u8]; 10] = [
     include_bytes!("../../../../data/mnist/0.png"),
@@ -26,13 +28,15 @@ const SHEETS: [&[u8]; 10] = [
 ];
 const INDEX: &str = include_str!("../../../../data/mnist/index.json");
 
-/// Images with class labels.
+/// Images with class labels, or with captions (then `labels` index `captions` and
+/// `num_classes` is 0).
 #[derive(Debug, Clone)]
 pub struct LabelledImages {
     /// (N, C, H, W) in [-1, 1].
     pub images: Tensor,
     pub labels: Vec<usize>,
     pub num_classes: usize,
+    pub captions: Option<Vec<String>>,
 }
 
 /// The built-in digits as 8-bit pixels, class by class in the package's order.
@@ -73,6 +77,7 @@ pub fn mnist(device: &Device) -> Result<LabelledImages> {
         images,
         labels: digits.iter().map(|(l, _)| *l).collect(),
         num_classes: 10,
+        captions: None,
     })
 }
 
@@ -133,6 +138,15 @@ impl TrainingSet {
             Self::Images(d) => d.num_classes,
             Self::Latents(s) => s.index.classes.len(),
             Self::Folder { folder, .. } => folder.classes.len(),
+        }
+    }
+
+    /// A captioned set's distinct captions (its labels index them); `None` for classes.
+    pub fn captions(&self) -> Option<&[String]> {
+        match self {
+            Self::Images(d) => d.captions.as_deref(),
+            Self::Latents(s) => s.index.captions.as_deref(),
+            Self::Folder { folder, .. } => folder.captions.as_deref(),
         }
     }
 

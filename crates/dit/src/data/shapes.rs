@@ -193,6 +193,34 @@ pub fn dataset(
     Ok((hwc.permute((0, 3, 1, 2))?.contiguous()?, picked))
 }
 
+/// The built-in captioned training set: `per_scene` renderings of each scene not
+/// [`Scene::held_out`], at `size` pixels, labelled by caption. (Not to be mirrored: a flip moves
+/// the shape to the other side of the caption's "left" or "right".)
+pub fn training_set(
+    size: usize,
+    per_scene: usize,
+    seed: u64,
+    device: &candle_core::Device,
+) -> crate::Result<super::LabelledImages> {
+    let scenes: Vec<Scene> = Scene::all().into_iter().filter(|s| !s.held_out()).collect();
+    let (images, picked) = dataset(&scenes, scenes.len() * per_scene, size, seed, device)?;
+    let labels = picked
+        .iter()
+        .map(|p| {
+            scenes
+                .iter()
+                .position(|s| s == p)
+                .expect("picked from scenes")
+        })
+        .collect();
+    Ok(super::LabelledImages {
+        images,
+        labels,
+        num_classes: 0,
+        captions: Some(scenes.iter().map(Scene::caption).collect()),
+    })
+}
+
 /// How often generated images show what their captions asked for, attribute by attribute.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct AttributeAccuracy {
