@@ -994,6 +994,8 @@ fn text_models_sample_from_prompts() {
             "--save-latents",
             p(&out),
             "--no-decode",
+            "--out",
+            p(&out.with_extension("png")),
         ]));
         Tensor::read_npy(&out).unwrap()
     };
@@ -1194,6 +1196,8 @@ fn captioned_folders_train_text_models_that_resume_and_sample() {
         "--save-latents",
         p(&npy),
         "--no-decode",
+        "--out",
+        p(&npy.with_extension("png")),
     ]));
     assert_eq!(Tensor::read_npy(&npy).unwrap().dims(), [1, 3, 8, 8]);
     // A class model cannot continue on captions.
