@@ -32,9 +32,9 @@ pub struct EvalShapesArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// The model's text encoder (default: `$DIT_MINILM`, else ~/.cache/dit/all-MiniLM-L6-v2).
+    /// The model's text encoder(s) (default: `$DIT_MINILM`, else ~/.cache/dit/all-MiniLM-L6-v2).
     #[arg(long)]
-    text_encoder: Option<PathBuf>,
+    text_encoder: Vec<PathBuf>,
     /// Also write a PNG grid of the held-out captions' images (one row per caption, at most 8
     /// rows) and their captions beside it (.txt).
     #[arg(long)]
@@ -60,19 +60,8 @@ pub fn run(a: EvalShapesArgs, device: &Device) -> Result<()> {
         );
     }
     let opts = a.sampling.options(&cfg, 50)?;
-    let dir = crate::train::text_encoder_dir(a.text_encoder.as_ref())?;
-    let encoder = dit::text::TextEncoder::load(&dir, text.max_tokens, device)
-        .with_context(|| "run tools/fetch-minilm.sh, or pass --text-encoder".to_string())?;
-    if (encoder.width(), encoder.width()) != (text.context_dim, text.pooled_dim) {
-        bail!(
-            "the text encoder at {} gives {}-wide embeddings, the model takes {} and {}",
-            dir.display(),
-            encoder.width(),
-            text.context_dim,
-            text.pooled_dim
-        );
-    }
-    let empty = encoder.encode(&[""])?;
+    let encoders = crate::text_encoders::load_for(&a.text_encoder, &text, device)?;
+    let empty = dit::text::encode_all(&encoders, &[""])?;
     let (held, seen): (Vec<Scene>, Vec<Scene>) =
         Scene::all().into_iter().partition(Scene::held_out);
     let mut groups = vec![("held-out", held)];
@@ -86,7 +75,7 @@ pub fn run(a: EvalShapesArgs, device: &Device) -> Result<()> {
             .iter()
             .flat_map(|s| std::iter::repeat_n(*s, a.per_caption))
             .collect();
-        let images = generate(&model, &encoder, &empty, &wanted, &opts, &a, &mut rng)?;
+        let images = generate(&model, &encoders, &empty, &wanted, &opts, &a, &mut rng)?;
         let acc = measure(&images, &wanted)?;
         print_accuracy(name, scenes.len(), a.per_caption, &acc);
         report.insert(name.to_string(), serde_json::to_value(acc)?);
@@ -112,7 +101,7 @@ pub fn run(a: EvalShapesArgs, device: &Device) -> Result<()> {
 /// captions, in batches.
 fn generate(
     model: &dit::DiT,
-    encoder: &dit::text::TextEncoder,
+    encoders: &[dit::text::TextEncoder],
     empty: &TextBatch,
     wanted: &[Scene],
     opts: &dit::pipeline::SampleOptions,
@@ -129,7 +118,7 @@ fn generate(
     for (b, chunk) in wanted.chunks(a.batch_size).enumerate() {
         let captions: Vec<String> = chunk.iter().map(Scene::caption).collect();
         let prompts: Vec<&str> = captions.iter().map(String::as_str).collect();
-        let text = encoder.encode(&prompts)?;
+        let text = dit::text::encode_all(encoders, &prompts)?;
         let noise = rng.randn_like(&Tensor::zeros(
             (chunk.len(), 3, s, s),
             DType::F32,

@@ -9,6 +9,7 @@ mod extract;
 mod launch;
 mod sample;
 mod sample_many;
+mod text_encoders;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -83,8 +84,10 @@ enum Command {
         #[arg(long, value_enum, value_delimiter = ',', default_value = "ada-ln-zero")]
         block: Vec<train::BlockArg>,
         /// GenTron models (`--model GenTron-XL/2,GenTron-G/2`): the text encoder's token width,
-        /// pooled width and padded length (default: CLIP ViT-L/14's 768, 768, 77).
-        #[arg(long, num_args = 3, value_names = ["TOKENS_DIM", "POOLED_DIM", "LENGTH"], default_values_t = [768, 768, 77])]
+        /// pooled width and padded length (default: CLIP ViT-L/14's 768, 768, 77), and
+        /// optionally a second encoder's token width, read by every other block (CLIP + T5-XXL:
+        /// 768 768 77 4096).
+        #[arg(long, num_args = 3..=4, value_names = ["TOKENS_DIM", "POOLED_DIM", "LENGTH", "SECOND_DIM"], default_values_t = [768, 768, 77])]
         text: Vec<usize>,
     },
     /// Encode an image folder with the VAE into a latent store for training.
@@ -218,9 +221,9 @@ fn flops(
     text: &[usize],
 ) -> anyhow::Result<()> {
     let text = dit::config::TextConditioning {
-        context_dim: text[0],
         pooled_dim: text[1],
-        max_tokens: text[2],
+        second_context_dim: text.get(3).copied(),
+        ..dit::config::TextConditioning::single(text[0], text[2])
     };
     let configs: Vec<(String, dit::DiTConfig)> = if all || !models.is_empty() {
         let names = if all {

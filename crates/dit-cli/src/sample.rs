@@ -142,9 +142,10 @@ pub struct SampleArgs {
     #[arg(long, default_value = "")]
     negative_prompt: String,
     /// The text encoder folder of a text model (default: `$DIT_MINILM`, else the folder
-    /// `tools/fetch-minilm.sh` writes, ~/.cache/dit/all-MiniLM-L6-v2).
+    /// `tools/fetch-minilm.sh` writes, ~/.cache/dit/all-MiniLM-L6-v2); twice for a model that
+    /// alternates two encoders (first the one that gives the pooled embedding, e.g. CLIP, then T5).
     #[arg(long)]
-    text_encoder: Option<PathBuf>,
+    text_encoder: Vec<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Samples per forward batch (guidance doubles it).
@@ -287,21 +288,10 @@ fn run_text(
     if a.prompt.is_empty() {
         bail!("a text-conditioned model needs --prompt");
     }
-    let dir = crate::train::text_encoder_dir(a.text_encoder.as_ref())?;
-    let encoder = dit::text::TextEncoder::load(&dir, text.max_tokens, device)
-        .with_context(|| "run tools/fetch-minilm.sh, or pass --text-encoder".to_string())?;
-    if encoder.width() != text.context_dim || encoder.width() != text.pooled_dim {
-        bail!(
-            "the text encoder at {} gives {}-wide embeddings but the model takes {} (tokens) and {} (pooled)",
-            dir.display(),
-            encoder.width(),
-            text.context_dim,
-            text.pooled_dim
-        );
-    }
+    let encoders = crate::text_encoders::load_for(&a.text_encoder, &text, device)?;
     let prompts: Vec<&str> = a.prompt.iter().map(String::as_str).collect();
-    let batch = encoder.encode(&prompts)?;
-    let empty = encoder.encode(&[a.negative_prompt.as_str()])?;
+    let batch = dit::text::encode_all(&encoders, &prompts)?;
+    let empty = dit::text::encode_all(&encoders, &[a.negative_prompt.as_str()])?;
     let cfg = &model.config;
     let n = prompts.len();
     let mut rng = NoiseRng::new(a.seed);

@@ -87,10 +87,11 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 16)]
     per_caption: usize,
     /// Captioned data: the text encoder folder (default: `$DIT_MINILM`, else the folder
-    /// `tools/fetch-minilm.sh` writes, ~/.cache/dit/all-MiniLM-L6-v2). Captions are encoded once
-    /// into OUT/text-embeddings.safetensors.
+    /// `tools/fetch-minilm.sh` writes, ~/.cache/dit/all-MiniLM-L6-v2); twice for GenTron's two
+    /// encoders alternating over the blocks (the first also gives the pooled embedding: CLIP,
+    /// then T5). Captions are encoded once into OUT/text-embeddings.safetensors.
     #[arg(long)]
-    text_encoder: Option<PathBuf>,
+    text_encoder: Vec<PathBuf>,
     /// Captioned data: captions are cut to this many tokens.
     #[arg(long, default_value_t = 77)]
     max_tokens: usize,
@@ -203,7 +204,10 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
         Some(captions) => Some(text_cache(&a, captions, dev)?),
         None => None,
     };
-    let widths = text.as_ref().map(|t| t.widths()).transpose()?;
+    let conditioning = text
+        .as_ref()
+        .map(|t| t.conditioning(a.max_tokens))
+        .transpose()?;
     let cfg = TrainConfig {
         // With no --data, the embedded model's recipe (a short run); otherwise the paper's.
         lr: a.lr.unwrap_or(if a.data.is_none() { 3e-4 } else { 1e-4 }),
@@ -225,25 +229,28 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
                 channels,
                 size,
                 num_classes: data.num_classes(),
-                text: widths.map(|(context_dim, pooled_dim)| TextConditioning {
-                    context_dim,
-                    pooled_dim,
-                    max_tokens: a.max_tokens,
-                }),
+                text: conditioning,
             };
             let (model, init) = initial_weights(&a, &input)?;
             (Trainer::new(&model, init, cfg, a.seed, dev)?, 0)
         }
     };
     let mc = &tr.model.config;
-    match (&mc.text, widths) {
+    match (&mc.text, conditioning) {
         (None, Some(_)) => bail!("the data is captioned but the model is class-conditional"),
         (Some(_), None) => bail!("the model is text-conditioned but the data has no captions"),
-        (Some(t), Some((c, p))) if (t.context_dim, t.pooled_dim) != (c, p) => bail!(
-            "the model takes {}-wide text tokens and {}-wide pooled text, the text encoder gives {c} and {p}",
-            t.context_dim,
-            t.pooled_dim
-        ),
+        (Some(m), Some(d))
+            if (m.context_dim, m.second_context_dim, m.pooled_dim)
+                != (d.context_dim, d.second_context_dim, d.pooled_dim) =>
+        {
+            bail!(
+                "the model reads text tokens of widths {:?} and pooled text of width {}; the text encoders give {:?} and {}",
+                [Some(m.context_dim), m.second_context_dim],
+                m.pooled_dim,
+                [Some(d.context_dim), d.second_context_dim],
+                d.pooled_dim
+            )
+        }
         _ => {}
     }
     if (mc.in_channels, mc.input_size) != (channels, size) || mc.num_classes < data.num_classes() {
@@ -396,26 +403,11 @@ struct NewModel {
     text: Option<TextConditioning>,
 }
 
-/// The text encoder named by `--text-encoder` (or the default), and its identity for the cache.
-pub fn text_encoder_dir(arg: Option<&PathBuf>) -> Result<PathBuf> {
-    match arg {
-        Some(d) => Ok(d.clone()),
-        None => std::env::var_os("DIT_MINILM")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME")
-                    .map(|h| PathBuf::from(h).join(".cache/dit/all-MiniLM-L6-v2"))
-            })
-            .context("no --text-encoder and no HOME"),
-    }
-}
-
 /// The captions' embeddings: OUT/text-embeddings.safetensors if it was made for these captions
 /// by this encoder, else encoded now (with a progress bar) and saved there.
 fn text_cache(a: &TrainArgs, captions: &[String], dev: &Device) -> Result<TextCache> {
-    let dir = text_encoder_dir(a.text_encoder.as_ref())?;
-    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
-    let id = format!("{} max_tokens={}", canonical.display(), a.max_tokens);
+    let dirs = crate::text_encoders::dirs(&a.text_encoder)?;
+    let id = crate::text_encoders::identity(&dirs, a.max_tokens);
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let path = a.out.join("text-embeddings.safetensors");
@@ -427,11 +419,8 @@ fn text_cache(a: &TrainArgs, captions: &[String], dev: &Device) -> Result<TextCa
         captions,
         &id,
         || {
-            dit::text::TextEncoder::load(&dir, a.max_tokens, dev).map_err(|e| {
-                dit::Error::Input(format!(
-                    "{e} (run tools/fetch-minilm.sh, or pass --text-encoder)"
-                ))
-            })
+            crate::text_encoders::load(&dirs, a.max_tokens, dev)
+                .map_err(|e| dit::Error::Input(format!("{e:#}")))
         },
         |done| bar.set_position(done as u64),
         dev,
@@ -441,7 +430,7 @@ fn text_cache(a: &TrainArgs, captions: &[String], dev: &Device) -> Result<TextCa
         println!(
             "encoded {} captions with {} into {}",
             cache.len(),
-            dir.display(),
+            id,
             path.display()
         );
     }

@@ -953,11 +953,7 @@ fn text_models_sample_from_prompts() {
         schedule: Default::default(),
         prediction: Default::default(),
         block: Default::default(),
-        text: Some(dit::config::TextConditioning {
-            context_dim: 384,
-            pooled_dim: 384,
-            max_tokens: 16,
-        }),
+        text: Some(dit::config::TextConditioning::single(384, 16)),
     };
     let mut w = dit::train::reference_init(&cfg, &mut dit::rng::NoiseRng::new(0)).unwrap();
     for (k, v) in w.iter_mut() {
@@ -1249,4 +1245,109 @@ fn captioned_folders_train_text_models_that_resume_and_sample() {
         "--sample-every",
         "0",
     ]));
+}
+
+/// GenTron's two encoders: `--text-encoder` twice trains a model whose blocks alternate between
+/// them (CLIP's tokens in even blocks, T5's in odd ones; both tiny fixtures are 32 wide), caches
+/// both, and samples or resumes only when given both.
+#[test]
+fn two_text_encoders_alternate_over_the_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clip, t5) = (fixture("tiny_clip"), fixture("tiny_t5"));
+    let out = dir.path().join("run");
+    let train = |encoders: &[&Path], out: &Path, resume: Option<&Path>| {
+        let mut args = vec![
+            "--builtin",
+            "shapes",
+            "--image-size",
+            "8",
+            "--per-caption",
+            "1",
+            "--patch",
+            "4",
+            "--max-tokens",
+            "12",
+            "--batch-size",
+            "2",
+            "--sample-every",
+            "1",
+            "--out",
+            p(out),
+        ];
+        for e in encoders {
+            args.extend(["--text-encoder", p(e)]);
+        }
+        match resume {
+            Some(r) => args.extend(["--resume", p(r), "--steps", "2"]),
+            None => args.extend(["--steps", "1"]),
+        }
+        let mut all = vec!["train", "--depth", "2", "--hidden", "32", "--heads", "2"];
+        all.extend_from_slice(&args);
+        dit(&all)
+    };
+    succeeds(&train(&[&clip, &t5], &out, None));
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("step-0000001/state.json")).unwrap(),
+    )
+    .unwrap();
+    let text = &state["model"]["text"];
+    assert_eq!(
+        (
+            text["context_dim"].as_u64(),
+            text["second_context_dim"].as_u64()
+        ),
+        (Some(32), Some(32))
+    );
+    let cache =
+        candle_core::safetensors::load(out.join("text-embeddings.safetensors"), &Device::Cpu)
+            .unwrap();
+    // T5's tokens differ from CLIP's for the same captions.
+    let (a, b) = (&cache["tokens"], &cache["second.tokens"]);
+    assert_eq!(a.dim(0).unwrap(), b.dim(0).unwrap());
+    assert_eq!(b.dim(2).unwrap(), 32);
+    let n = a.dim(1).unwrap().min(b.dim(1).unwrap());
+    let d = (a.narrow(1, 0, n).unwrap() - b.narrow(1, 0, n).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap();
+    assert!(d.sum_all().unwrap().to_scalar::<f32>().unwrap() > 1.0);
+    assert!(out.join("samples/step-0000001.png").is_file());
+    let weights =
+        candle_core::safetensors::load(out.join("step-0000001/weights.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        weights["model.blocks.0.cross_attn.kv.weight"].dims(),
+        [64, 32]
+    );
+    assert_eq!(
+        weights["model.blocks.1.cross_attn.kv.weight"].dims(),
+        [64, 32]
+    );
+    let (ckpt, png) = (out.join("step-0000001"), dir.path().join("s.png"));
+    let sample = |encoders: &[&Path]| {
+        let mut args = vec![
+            "sample",
+            "--ckpt",
+            p(&ckpt),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "2",
+            "--no-decode",
+            "--out",
+            p(&png),
+        ];
+        for e in encoders {
+            args.extend(["--text-encoder", p(e)]);
+        }
+        dit(&args)
+    };
+    succeeds(&sample(&[&clip, &t5]));
+    fails_with(&sample(&[&clip]), "reads 2 text encoder(s)");
+    // Resuming with one encoder where the checkpoint reads two is refused.
+    fails_with(
+        &train(&[&clip], &out, Some(&out.join("step-0000001"))),
+        "text tokens of widths",
+    );
+    succeeds(&train(&[&clip, &t5], &out, Some(&out.join("step-0000001"))));
 }

@@ -118,13 +118,21 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
     };
     let (hidden_size, in_channels, patch_size) = (*hidden_size, *in_channels, *patch_size);
     // A text-conditioned (GenTron) model has a pooled-text MLP where a class model has its label
-    // table; the padded text length is not recorded (77, CLIP's, unless a config says).
+    // table; the padded text length is not recorded (77, CLIP's, unless a config says). Two
+    // encoders show as blocks 0 and 1 reading different widths (equal widths need the config).
     let text = match t.get("pooled_embedder.mlp.0.weight") {
-        Some(p) => Some(TextConditioning {
-            context_dim: dims(t, "blocks.0.cross_attn.kv.weight")?[1],
-            pooled_dim: p.dims()[1],
-            max_tokens: 77,
-        }),
+        Some(p) => {
+            let first = dims(t, "blocks.0.cross_attn.kv.weight")?[1];
+            let second = t
+                .get("blocks.1.cross_attn.kv.weight")
+                .map(|w| w.dims()[1])
+                .filter(|&w| w != first);
+            Some(TextConditioning {
+                second_context_dim: second,
+                pooled_dim: p.dims()[1],
+                ..TextConditioning::single(first, 77)
+            })
+        }
         None => None,
     };
     let rows = match text {
@@ -251,7 +259,7 @@ pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
                 &mut v,
                 format!("{b}.cross_attn.kv"),
                 2 * d,
-                text.context_dim,
+                text.context_dim_of(i),
             );
             linear(&mut v, format!("{b}.cross_attn.proj"), d, d);
         }

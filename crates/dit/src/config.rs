@@ -46,6 +46,36 @@ pub struct TextConditioning {
     pub pooled_dim: usize,
     /// Text tokens per prompt (the encoder's padded length; used for costing).
     pub max_tokens: usize,
+    /// A second text encoder's token width (GenTron's CLIP + T5): blocks then alternate, even
+    /// blocks cross-attending to the first encoder's tokens and odd ones to the second's. The
+    /// pooled embedding stays the first encoder's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_context_dim: Option<usize>,
+}
+
+impl TextConditioning {
+    /// One text encoder of width `width` for both tokens and pooled embedding.
+    pub fn single(width: usize, max_tokens: usize) -> Self {
+        Self {
+            context_dim: width,
+            pooled_dim: width,
+            max_tokens,
+            second_context_dim: None,
+        }
+    }
+
+    /// How many text encoders the blocks take turns with (1 or 2).
+    pub fn encoders(&self) -> usize {
+        1 + usize::from(self.second_context_dim.is_some())
+    }
+
+    /// Width of the tokens block `i` cross-attends to.
+    pub fn context_dim_of(&self, block: usize) -> usize {
+        match self.second_context_dim {
+            Some(second) if block % 2 == 1 => second,
+            _ => self.context_dim,
+        }
+    }
 }
 
 /// The four ways §3.2 and Figure 3 of the paper condition a transformer block on the timestep
@@ -238,7 +268,12 @@ impl DiTConfig {
             Some(_) if self.block != BlockDesign::AdaLnZero => {
                 return bad("text conditioning is built on adaLN-Zero blocks (GenTron)".into())
             }
-            Some(t) if t.context_dim == 0 || t.pooled_dim == 0 || t.max_tokens == 0 => {
+            Some(t)
+                if t.context_dim == 0
+                    || t.pooled_dim == 0
+                    || t.max_tokens == 0
+                    || t.second_context_dim == Some(0) =>
+            {
                 return bad("text widths and token count must be positive".into())
             }
             _ => {}

@@ -131,11 +131,7 @@ pub fn sample_latents_text(
         let out = if opts.cfg_scale > 1.0 {
             model.forward_text_with_cfg(x, t, text, empty, opts.cfg_scale, opts.cfg_channels)?
         } else {
-            let tokens = crate::model::TextTokens {
-                tokens: &text.tokens,
-                mask: Some(&text.mask),
-            };
-            model.forward_text(x, t, tokens, &text.pooled)?
+            model.forward_text(x, t, &text.token_sets(), &text.pooled)?
         };
         out.to_dtype(DType::F32)
     };

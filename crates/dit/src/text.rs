@@ -255,8 +255,35 @@ impl TextEncoder {
             tokens,
             mask,
             pooled,
+            second: None,
         })
     }
+}
+
+/// Encodes prompts with one text encoder, or two (GenTron's CLIP + T5): the first gives the
+/// tokens the even blocks read and the pooled embedding, the second the tokens of the odd blocks.
+pub fn encode_all(encoders: &[TextEncoder], prompts: &[&str]) -> Result<TextBatch> {
+    let [first, rest @ ..] = encoders else {
+        return Err(Error::Input("no text encoder".into()));
+    };
+    let mut batch = first.encode(prompts)?;
+    match rest {
+        [] => {}
+        [second] => {
+            let b = second.encode(prompts)?;
+            batch.second = Some(crate::model::SecondText {
+                tokens: b.tokens,
+                mask: b.mask,
+            });
+        }
+        _ => {
+            return Err(Error::Input(format!(
+                "{} text encoders given; GenTron alternates at most two",
+                encoders.len()
+            )))
+        }
+    }
+    Ok(batch)
 }
 
 /// Mean of the token embeddings (N, S, D) over the real tokens of `mask` (N, S).

@@ -460,11 +460,7 @@ impl Trainer {
                     model.forward(x_t, &timesteps, &Tensor::new(y.as_slice(), x0.device())?)?
                 }
                 ModelInput::Text(text) => {
-                    let tokens = crate::model::TextTokens {
-                        tokens: &text.tokens,
-                        mask: Some(&text.mask),
-                    };
-                    model.forward_text(x_t, &timesteps, tokens, &text.pooled)?
+                    model.forward_text(x_t, &timesteps, &text.token_sets(), &text.pooled)?
                 }
             })
         };
@@ -731,11 +727,13 @@ mod tests {
             tokens,
             mask,
             pooled,
+            second: None,
         };
         let empty = TextBatch {
             tokens: Tensor::zeros((1, s, c), DType::F32, &dev).unwrap(),
             mask: Tensor::new(&[[1f32, 0., 0., 0., 0.]], &dev).unwrap(),
             pooled: Tensor::zeros((1, p), DType::F32, &dev).unwrap(),
+            second: None,
         };
         // Dropout replaces exactly the dropped rows.
         let drop = [false, true, false, false, true, false, false, false];
@@ -751,9 +749,8 @@ mod tests {
         let cfg = DiTConfig {
             num_classes: 0,
             text: Some(TextConditioning {
-                context_dim: c,
                 pooled_dim: p,
-                max_tokens: s,
+                ..TextConditioning::single(c, s)
             }),
             ..tiny()
         };

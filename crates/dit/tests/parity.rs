@@ -200,6 +200,77 @@ fn block_designs_match_torch() {
 /// GenTron's text conditioning against the torch implementation of tools/make_fixtures.py: the
 /// config inferred from the tensors, the forward pass with a padded prompt, the mask hiding the
 /// padding, and a new text model starting as the identity in every block.
+/// GenTron's two text encoders alternating over the blocks (blocks 0 and 2 read the first
+/// encoder's tokens, block 1 the second's, of another width) against the torch implementation:
+/// the second width inferred from the tensors, the forward pass with both prompts padded, each
+/// mask honoured, and each encoder's tokens reaching the output.
+#[test]
+fn gentron_with_two_alternating_encoders_matches_torch() {
+    use dit::model::TextTokens;
+    let f = load("gentron_pair.safetensors");
+    let inp = |k: &str| f[&format!("in.{k}")].clone();
+    let tensors: checkpoint::Tensors = f
+        .iter()
+        .filter(|(k, _)| !k.starts_with("in."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut cfg = checkpoint::infer_config(&tensors, None).unwrap();
+    let tc = cfg.text.expect("a text model");
+    assert_eq!(
+        (tc.context_dim, tc.second_context_dim, tc.pooled_dim),
+        (48, Some(24), 48)
+    );
+    assert_eq!(
+        (
+            tc.context_dim_of(0),
+            tc.context_dim_of(1),
+            tc.context_dim_of(2)
+        ),
+        (48, 24, 48)
+    );
+    cfg.num_heads = 2;
+    let model = checkpoint::build_model(&cfg, tensors, DType::F32, &dev()).unwrap();
+    let (x, t, pooled) = (inp("x"), inp("t"), inp("pooled"));
+    let (m0, m1) = (inp("mask0"), inp("mask1"));
+    let run = |a: &Tensor, b: &Tensor| {
+        let sets = [
+            TextTokens {
+                tokens: a,
+                mask: Some(&m0),
+            },
+            TextTokens {
+                tokens: b,
+                mask: Some(&m1),
+            },
+        ];
+        model.forward_text(&x, &t, &sets, &pooled).unwrap()
+    };
+    let out = run(&inp("text0"), &inp("text1"));
+    let e = rel_l2(&out, &inp("out"));
+    assert!(e < 1e-5, "two-encoder GenTron forward rel L2 {e}");
+    // Garbage under either mask changes nothing; each encoder's real tokens matter.
+    let regarble = |text: &Tensor, mask: &Tensor| {
+        let keep = mask.unsqueeze(2).unwrap();
+        let noise = Tensor::randn(0f32, 30.0, text.shape(), &dev()).unwrap();
+        (text.broadcast_mul(&keep).unwrap() + noise.broadcast_mul(&(1.0 - &keep).unwrap()).unwrap())
+            .unwrap()
+    };
+    assert!(
+        rel_l2(
+            &run(&regarble(&inp("text0"), &m0), &regarble(&inp("text1"), &m1)),
+            &out
+        ) < 1e-6
+    );
+    assert!(rel_l2(&run(&inp("text0"), &inp("text1").neg().unwrap()), &out) > 1e-3);
+    assert!(rel_l2(&run(&inp("text0").neg().unwrap(), &inp("text1")), &out) > 1e-3);
+    // One token set for a two-encoder model is an error, not a silent reuse.
+    let one = [TextTokens {
+        tokens: &inp("text0"),
+        mask: Some(&m0),
+    }];
+    assert!(model.forward_text(&x, &t, &one, &pooled).is_err());
+}
+
 #[test]
 fn gentron_text_model_matches_torch_and_honours_the_mask() {
     use dit::model::TextTokens;
@@ -219,7 +290,7 @@ fn gentron_text_model_matches_torch_and_honours_the_mask() {
     let (x, t, pooled, mask) = (inp("x"), inp("t"), inp("pooled"), inp("mask"));
     let run = |text: &Tensor, mask: Option<&Tensor>| {
         let tokens = TextTokens { tokens: text, mask };
-        model.forward_text(&x, &t, tokens, &pooled).unwrap()
+        model.forward_text(&x, &t, &[tokens], &pooled).unwrap()
     };
     let out = run(&inp("text"), Some(&mask));
     let e = rel_l2(&out, &inp("out"));
@@ -242,6 +313,7 @@ fn gentron_text_model_matches_torch_and_honours_the_mask() {
         tokens: inp("text"),
         mask: mask.clone(),
         pooled: pooled.clone(),
+        second: None,
     };
     let mut empty_mask = vec![0f32; 7];
     empty_mask[0] = 1.0;
@@ -249,6 +321,7 @@ fn gentron_text_model_matches_torch_and_honours_the_mask() {
         tokens: Tensor::randn(0f32, 1.0, (1, 7, 48), &dev()).unwrap(),
         mask: Tensor::from_vec(empty_mask, (1, 7), &dev()).unwrap(),
         pooled: Tensor::randn(0f32, 1.0, (1, 40), &dev()).unwrap(),
+        second: None,
     };
     let guided = model
         .forward_text_with_cfg(&x, &t, &text, &empty, 4.0, GuidedChannels::All)
@@ -260,7 +333,7 @@ fn gentron_text_model_matches_torch_and_honours_the_mask() {
         mask: Some(&b(&empty.mask)),
     };
     let uncond = model
-        .forward_text(&x, &t, uncond_in, &b(&empty.pooled))
+        .forward_text(&x, &t, &[uncond_in], &b(&empty.pooled))
         .unwrap();
     let want = (&uncond + ((&out - &uncond).unwrap() * 4.0).unwrap()).unwrap();
     let e = rel_l2(
@@ -285,6 +358,7 @@ fn gentron_text_model_matches_torch_and_honours_the_mask() {
         tokens: inp("text").flip(&[0]).unwrap(),
         mask: mask.flip(&[0]).unwrap(),
         pooled: pooled.flip(&[0]).unwrap(),
+        second: None,
     };
     assert!(rel_l2(&sample(&swapped), &s1) > 1e-3);
 
@@ -302,7 +376,7 @@ fn gentron_text_model_matches_torch_and_honours_the_mask() {
             tokens: text,
             mask: Some(&mask),
         };
-        fresh.forward_text(&x, &t, tokens, &pooled).unwrap()
+        fresh.forward_text(&x, &t, &[tokens], &pooled).unwrap()
     };
     let (a, b) = (run(&inp("text")), run(&text2.neg().unwrap()));
     assert!(

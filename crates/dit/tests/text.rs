@@ -114,7 +114,13 @@ fn text_cache_keeps_the_encodings_and_knows_when_it_is_stale() {
             &path,
             caps,
             id,
-            || TextEncoder::load(&common::fixture("tiny_clip"), 12, &dev),
+            || {
+                Ok(vec![TextEncoder::load(
+                    &common::fixture("tiny_clip"),
+                    12,
+                    &dev,
+                )?])
+            },
             |_| {},
             &dev,
         )

@@ -13,8 +13,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use crate::model::TextBatch;
-use crate::text::TextEncoder;
+use crate::config::TextConditioning;
+use crate::model::{SecondText, TextBatch};
+use crate::text::{encode_all, TextEncoder};
 use crate::{Error, Result};
 
 /// Encoded captions, indexed like the captions they were built from.
@@ -26,58 +27,77 @@ pub struct TextCache {
     pub empty: TextBatch,
 }
 
-fn trim(b: &TextBatch, s: usize) -> Result<TextBatch> {
-    Ok(TextBatch {
-        tokens: b.tokens.narrow(1, 0, s)?.contiguous()?,
-        mask: b.mask.narrow(1, 0, s)?.contiguous()?,
-        pooled: b.pooled.clone(),
-    })
+/// The largest number of real tokens in any row of `mask` (N, S).
+fn longest(mask: &Tensor) -> Result<usize> {
+    if mask.dim(0)? == 0 {
+        return Ok(0);
+    }
+    let per: Vec<f32> = mask.sum(1)?.to_vec1()?;
+    Ok(per.into_iter().fold(0f32, f32::max) as usize)
+}
+
+/// `all` and `empty` cut, encoder by encoder, to the positions some row uses.
+fn trim(all: &TextBatch, empty: &TextBatch) -> Result<(TextBatch, TextBatch)> {
+    let keep =
+        |a: &Tensor, e: &Tensor| -> Result<usize> { Ok(longest(a)?.max(longest(e)?).max(1)) };
+    let s1 = keep(&all.mask, &empty.mask)?;
+    let s2 = match (&all.second, &empty.second) {
+        (Some(a), Some(e)) => keep(&a.mask, &e.mask)?,
+        _ => 0,
+    };
+    let cut = |b: &TextBatch| -> Result<TextBatch> {
+        let mut k = 0;
+        Ok(b.try_map(|t| {
+            // try_map's order: tokens, mask, pooled, second tokens, second mask.
+            k += 1;
+            match k {
+                1 | 2 => t.narrow(1, 0, s1)?.contiguous(),
+                3 => Ok(t.clone()),
+                _ => t.narrow(1, 0, s2)?.contiguous(),
+            }
+        })?)
+    };
+    Ok((cut(all)?, cut(empty)?))
+}
+
+/// The tensors of a batch by name (`prefix` + tokens, mask, pooled, second.tokens, second.mask).
+fn named<'a>(b: &'a TextBatch, prefix: &str) -> Vec<(String, &'a Tensor)> {
+    let mut v = vec![
+        (format!("{prefix}tokens"), &b.tokens),
+        (format!("{prefix}mask"), &b.mask),
+        (format!("{prefix}pooled"), &b.pooled),
+    ];
+    if let Some(s) = &b.second {
+        v.push((format!("{prefix}second.tokens"), &s.tokens));
+        v.push((format!("{prefix}second.mask"), &s.mask));
+    }
+    v
 }
 
 impl TextCache {
-    /// Encodes `captions` (and the empty prompt) in batches of `batch`; `on_batch(done)` after
-    /// each.
+    /// Encodes `captions` (and the empty prompt) with one encoder or two ([`encode_all`]) in
+    /// batches of `batch`; `on_batch(done)` after each.
     pub fn build(
-        encoder: &TextEncoder,
+        encoders: &[TextEncoder],
         encoder_id: &str,
         captions: &[String],
         batch: usize,
         mut on_batch: impl FnMut(usize),
     ) -> Result<Self> {
-        let mut parts = Vec::new();
+        let empty = encode_all(encoders, &[""])?;
+        let mut all = empty.narrow(0, 0)?;
         for (i, chunk) in captions.chunks(batch.max(1)).enumerate() {
             let prompts: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            parts.push(encoder.encode(&prompts)?);
+            let part = encode_all(encoders, &prompts)?;
+            all = all.try_zip(&part, |a, b| Tensor::cat(&[a, b], 0))?;
             on_batch((i * batch.max(1) + chunk.len()).min(captions.len()));
         }
-        let empty = encoder.encode(&[""])?;
-        let cat = |f: fn(&TextBatch) -> &Tensor| -> Result<Tensor> {
-            let v: Vec<Tensor> = parts.iter().map(|p| f(p).clone()).collect();
-            Ok(Tensor::cat(&v, 0)?)
-        };
-        let all = if parts.is_empty() {
-            trim(&empty, 0)?.narrow(0, 0)?
-        } else {
-            TextBatch {
-                tokens: cat(|b| &b.tokens)?,
-                mask: cat(|b| &b.mask)?,
-                pooled: cat(|b| &b.pooled)?,
-            }
-        };
-        // Keep the positions some caption uses.
-        let longest = |m: &Tensor| -> Result<usize> {
-            if m.dim(0)? == 0 {
-                return Ok(0);
-            }
-            let per: Vec<f32> = m.sum(1)?.to_vec1()?;
-            Ok(per.into_iter().fold(0f32, f32::max) as usize)
-        };
-        let s = longest(&all.mask)?.max(longest(&empty.mask)?).max(1);
+        let (all, empty) = trim(&all, &empty)?;
         Ok(Self {
             captions: captions.to_vec(),
             encoder: encoder_id.to_string(),
-            all: trim(&all, s)?,
-            empty: trim(&empty, s)?,
+            all,
+            empty,
         })
     }
 
@@ -89,14 +109,8 @@ impl TextCache {
             ("captions".to_string(), captions),
             ("encoder".to_string(), self.encoder.clone()),
         ]);
-        let tensors = [
-            ("tokens", &self.all.tokens),
-            ("mask", &self.all.mask),
-            ("pooled", &self.all.pooled),
-            ("empty.tokens", &self.empty.tokens),
-            ("empty.mask", &self.empty.mask),
-            ("empty.pooled", &self.empty.pooled),
-        ];
+        let mut tensors = named(&self.all, "");
+        tensors.extend(named(&self.empty, "empty."));
         // f32 bytes (the safetensors version that takes metadata is not candle's).
         let bytes = tensors
             .iter()
@@ -118,7 +132,7 @@ impl TextCache {
                     b,
                 )
                 .map_err(|e| Error::Input(format!("{name}: {e}")))?;
-                Ok((*name, view))
+                Ok((name.clone(), view))
             })
             .collect::<Result<Vec<_>>>()?;
         let tmp = path.with_extension("safetensors.tmp");
@@ -148,38 +162,48 @@ impl TextCache {
         let encoder = meta.get("encoder").cloned().unwrap_or_default();
         let mut t = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| bad(e.to_string()))?;
-        let mut take = |k: &str| t.remove(k).ok_or_else(|| bad(format!("no tensor {k}")));
-        let all = TextBatch {
-            tokens: take("tokens")?,
-            mask: take("mask")?,
-            pooled: take("pooled")?,
+        let two = t.contains_key("second.tokens");
+        let mut batch = |prefix: &str| -> Result<TextBatch> {
+            let mut take = |k: &str| {
+                t.remove(&format!("{prefix}{k}"))
+                    .ok_or_else(|| bad(format!("no tensor {prefix}{k}")))
+            };
+            let (tokens, mask, pooled) = (take("tokens")?, take("mask")?, take("pooled")?);
+            let second = match two {
+                true => Some(SecondText {
+                    tokens: take("second.tokens")?,
+                    mask: take("second.mask")?,
+                }),
+                false => None,
+            };
+            Ok(TextBatch {
+                tokens,
+                mask,
+                pooled,
+                second,
+            })
         };
-        let empty = TextBatch {
-            tokens: take("empty.tokens")?,
-            mask: take("empty.mask")?,
-            pooled: take("empty.pooled")?,
-        };
-        let (n, s, c) = all.tokens.dims3().map_err(|e| bad(e.to_string()))?;
-        let want = [
-            (&all.mask, vec![n, s]),
-            (&all.pooled, vec![n, all.pooled.dim(1).unwrap_or(0)]),
-            (&empty.tokens, vec![1, s, c]),
-            (&empty.mask, vec![1, s]),
-            (&empty.pooled, vec![1, all.pooled.dim(1).unwrap_or(0)]),
-        ];
-        for (t, shape) in want {
-            if t.dims() != shape.as_slice() {
+        let all = batch("")?;
+        let empty = batch("empty.")?;
+        // Rows: N captions, 1 empty prompt; within each encoder, tokens and mask agree.
+        for (b, rows) in [(&all, captions.len()), (&empty, 1)] {
+            let sets = b.token_sets();
+            for set in &sets {
+                let (n, s, _) = set.tokens.dims3().map_err(|e| bad(e.to_string()))?;
+                let mask = set.mask.map(|m| m.dims().to_vec());
+                if n != rows || mask != Some(vec![n, s]) {
+                    return Err(bad(format!(
+                        "tokens {:?} and mask {mask:?} for {rows} prompts",
+                        set.tokens.dims()
+                    )));
+                }
+            }
+            if b.pooled.dims().first() != Some(&rows) || b.pooled.rank() != 2 {
                 return Err(bad(format!(
-                    "a tensor of shape {:?}, expected {shape:?}",
-                    t.dims()
+                    "pooled {:?} for {rows} prompts",
+                    b.pooled.dims()
                 )));
             }
-        }
-        if n != captions.len() {
-            return Err(bad(format!(
-                "{n} encodings for {} captions",
-                captions.len()
-            )));
         }
         Ok(Self {
             captions,
@@ -190,12 +214,12 @@ impl TextCache {
     }
 
     /// The cache at `path` if it holds exactly `captions` encoded by `encoder_id`, else a new one
-    /// built with `encoder()` and saved there. Returns whether it was built.
+    /// built with `encoders()` and saved there. Returns whether it was built.
     pub fn load_or_build(
         path: &Path,
         captions: &[String],
         encoder_id: &str,
-        encoder: impl FnOnce() -> Result<TextEncoder>,
+        encoders: impl FnOnce() -> Result<Vec<TextEncoder>>,
         on_batch: impl FnMut(usize),
         device: &Device,
     ) -> Result<(Self, bool)> {
@@ -204,7 +228,7 @@ impl TextCache {
                 return Ok((c, false));
             }
         }
-        let c = Self::build(&encoder()?, encoder_id, captions, 64, on_batch)?;
+        let c = Self::build(&encoders()?, encoder_id, captions, 64, on_batch)?;
         c.save(path)?;
         Ok((c, true))
     }
@@ -217,9 +241,17 @@ impl TextCache {
         self.captions.is_empty()
     }
 
-    /// Width of the token and pooled embeddings.
-    pub fn widths(&self) -> Result<(usize, usize)> {
-        Ok((self.all.tokens.dim(2)?, self.all.pooled.dim(1)?))
+    /// What a model reading these encodings takes: token widths (one per encoder), pooled width,
+    /// and `max_tokens`.
+    pub fn conditioning(&self, max_tokens: usize) -> Result<TextConditioning> {
+        Ok(TextConditioning {
+            pooled_dim: self.all.pooled.dim(1)?,
+            second_context_dim: match &self.all.second {
+                Some(s) => Some(s.tokens.dim(2)?),
+                None => None,
+            },
+            ..TextConditioning::single(self.all.tokens.dim(2)?, max_tokens)
+        })
     }
 
     /// The encodings of captions `ids`, on the cache's device.
@@ -232,10 +264,6 @@ impl TextCache {
         }
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         let ids = Tensor::new(ids.as_slice(), self.all.tokens.device())?;
-        Ok(TextBatch {
-            tokens: self.all.tokens.index_select(&ids, 0)?,
-            mask: self.all.mask.index_select(&ids, 0)?,
-            pooled: self.all.pooled.index_select(&ids, 0)?,
-        })
+        Ok(self.all.try_map(|t| t.index_select(&ids, 0))?)
     }
 }

@@ -49,15 +49,17 @@ pub fn forward_macs(cfg: &DiTConfig) -> ForwardMacs {
         + 2 * n * d * m; // MLP
                          // GenTron: q from every token, k and v from the text tokens, both products, projection;
                          // and the pooled-text MLP in place of the label lookup.
-    let (text_block, pooled) = match cfg.text {
-        Some(tc) => {
-            let (s, cd) = (tc.max_tokens as u64, tc.context_dim as u64);
-            let block = n * d * d + s * cd * 2 * d + 2 * n * s * d + n * d * d;
-            (block, tc.pooled_dim as u64 * d + d * d)
-        }
-        None => (0, 0),
+                         // (Summed over the blocks: with two encoders they alternate widths.)
+    let text_blocks: u64 = match cfg.text {
+        Some(tc) => (0..cfg.depth)
+            .map(|i| {
+                let (s, cd) = (tc.max_tokens as u64, tc.context_dim_of(i) as u64);
+                n * d * d + s * cd * 2 * d + 2 * n * s * d + n * d * d
+            })
+            .sum(),
+        None => 0,
     };
-    let block = block + text_block;
+    let pooled = cfg.text.map_or(0, |tc| tc.pooled_dim as u64 * d + d * d);
     let conditioning = conditioning + pooled;
     let final_modulation = if cfg.block.uses_ada_ln() {
         2 * d * d
@@ -67,7 +69,7 @@ pub fn forward_macs(cfg: &DiTConfig) -> ForwardMacs {
     ForwardMacs {
         patch_embed: t * d * cfg.in_channels as u64 * p * p,
         conditioning,
-        blocks: cfg.depth as u64 * block,
+        blocks: cfg.depth as u64 * block + text_blocks,
         final_layer: final_modulation + t * d * p * p * cfg.out_channels() as u64,
     }
 }
@@ -102,6 +104,24 @@ mod tests {
         let params =
             crate::checkpoint::parameter_count(&DiTConfig::named("DiT-XL/2", 256).unwrap());
         assert!((params as f64 - 675e6).abs() < 0.01 * 675e6, "{params}");
+    }
+
+    #[test]
+    fn two_alternating_text_encoders_cost_their_own_widths() {
+        // GenTron-XL/2 with CLIP-L (768) alone, and with T5-XXL (4096) read by the 14 odd
+        // blocks: only those blocks' key/value projections (4096 -> 2 x 1152) grow, in
+        // parameters and in multiply-accumulates (77 text tokens each).
+        let clip = crate::config::TextConditioning::single(768, 77);
+        let both = crate::config::TextConditioning {
+            second_context_dim: Some(4096),
+            ..clip
+        };
+        let one = DiTConfig::gentron("GenTron-XL/2", 256, clip).unwrap();
+        let two = DiTConfig::gentron("GenTron-XL/2", 256, both).unwrap();
+        let count = crate::checkpoint::parameter_count;
+        assert_eq!(count(&two) - count(&one), 14 * (4096 - 768) * 2 * 1152);
+        let macs = |c: &DiTConfig| forward_macs(c).total();
+        assert_eq!(macs(&two) - macs(&one), 14 * 77 * (4096 - 768) * 2 * 1152);
     }
 
     #[test]

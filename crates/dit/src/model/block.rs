@@ -145,7 +145,8 @@ impl CrossAttention {
 
 /// What a block is conditioned on: c = t_emb + y_emb (adaLN designs; t_emb + pooled text for
 /// GenTron), the two-token sequence [t_emb, y_emb] (cross-attention design), and a text model's
-/// text tokens.
+/// text tokens (those of the encoder this block reads).
+#[derive(Clone, Copy)]
 pub struct Condition<'a> {
     pub c: &'a Tensor,
     pub tokens: &'a Tensor,

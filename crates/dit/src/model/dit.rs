@@ -21,15 +21,76 @@ pub enum GuidedChannels {
 }
 
 /// Encoded prompts for a text-conditioned (GenTron) model: the text encoder's tokens (N, S, C),
-/// their mask (N, S: 1 real, 0 padding) and pooled embedding (N, P).
+/// their mask (N, S: 1 real, 0 padding) and pooled embedding (N, P); with two encoders, the
+/// second one's tokens and mask too.
 #[derive(Debug, Clone)]
 pub struct TextBatch {
     pub tokens: Tensor,
     pub mask: Tensor,
     pub pooled: Tensor,
+    pub second: Option<SecondText>,
+}
+
+/// A second text encoder's tokens (N, S2, C2) and mask (N, S2) (GenTron's T5 beside CLIP).
+#[derive(Debug, Clone)]
+pub struct SecondText {
+    pub tokens: Tensor,
+    pub mask: Tensor,
 }
 
 impl TextBatch {
+    /// Each encoder's tokens and mask, in the order the blocks take turns with them.
+    pub fn token_sets(&self) -> Vec<TextTokens<'_>> {
+        let first = TextTokens {
+            tokens: &self.tokens,
+            mask: Some(&self.mask),
+        };
+        let second = self.second.as_ref().map(|s| TextTokens {
+            tokens: &s.tokens,
+            mask: Some(&s.mask),
+        });
+        std::iter::once(first).chain(second).collect()
+    }
+
+    /// Applies `f` to every tensor (first tokens, mask, pooled, then the second encoder's tokens
+    /// and mask), keeping the structure.
+    pub fn try_map(&self, mut f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            tokens: f(&self.tokens)?,
+            mask: f(&self.mask)?,
+            pooled: f(&self.pooled)?,
+            second: match &self.second {
+                Some(s) => Some(SecondText {
+                    tokens: f(&s.tokens)?,
+                    mask: f(&s.mask)?,
+                }),
+                None => None,
+            },
+        })
+    }
+
+    /// [`Self::try_map`] over two batches of the same structure, tensor by tensor.
+    pub fn try_zip(
+        &self,
+        other: &Self,
+        mut f: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let second = match (&self.second, &other.second) {
+            (Some(a), Some(b)) => Some(SecondText {
+                tokens: f(&a.tokens, &b.tokens)?,
+                mask: f(&a.mask, &b.mask)?,
+            }),
+            (None, None) => None,
+            _ => candle_core::bail!("text batches from different numbers of encoders"),
+        };
+        Ok(Self {
+            tokens: f(&self.tokens, &other.tokens)?,
+            mask: f(&self.mask, &other.mask)?,
+            pooled: f(&self.pooled, &other.pooled)?,
+            second,
+        })
+    }
+
     pub fn len(&self) -> Result<usize> {
         self.tokens.dim(0)
     }
@@ -39,11 +100,7 @@ impl TextBatch {
     }
 
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self {
-            tokens: self.tokens.narrow(0, start, len)?,
-            mask: self.mask.narrow(0, start, len)?,
-            pooled: self.pooled.narrow(0, start, len)?,
-        })
+        self.try_map(|t| t.narrow(0, start, len))
     }
 
     /// The rows where `drop` is set replaced by `empty` (one row: the empty prompt's encoding),
@@ -60,11 +117,7 @@ impl TextBatch {
             let e = e.to_dtype(x.dtype())?.broadcast_as(x.shape())?;
             x.broadcast_mul(&(1.0 - &d)?)? + e.broadcast_mul(&d)?
         };
-        Ok(Self {
-            tokens: mix(&self.tokens, &empty.tokens)?,
-            mask: mix(&self.mask, &empty.mask)?,
-            pooled: mix(&self.pooled, &empty.pooled)?,
-        })
+        self.try_zip(empty, mix)
     }
 }
 
@@ -120,7 +173,7 @@ impl DiT {
                     c.hidden_size,
                     c.num_heads,
                     c.mlp_hidden(),
-                    c.text.map(|t| t.context_dim),
+                    c.text.map(|t| t.context_dim_of(i)),
                     vb.pp(format!("blocks.{i}")),
                 )
             })
@@ -163,38 +216,53 @@ impl DiT {
         let Some(y_embedder) = &self.y_embedder else {
             candle_core::bail!("a text-conditioned model takes text: use forward_text");
         };
-        self.forward_conditioned(x, t, &y_embedder.forward(y)?, None)
+        self.forward_conditioned(x, t, &y_embedder.forward(y)?, &[])
     }
 
-    /// A text-conditioned (GenTron) model: `text` holds the encoder's tokens (N, S, C) and their
-    /// mask (N, S), `pooled` its pooled embedding (N, P). Classifier-free guidance's
+    /// A text-conditioned (GenTron) model: `texts` holds each text encoder's tokens (N, S, C)
+    /// and mask (N, S), one per encoder of the config (block i reads `texts[i % len]`);
+    /// `pooled` is the first encoder's pooled embedding (N, P). Classifier-free guidance's
     /// unconditional input is the empty prompt's encoding.
     pub fn forward_text(
         &self,
         x: &Tensor,
         t: &Tensor,
-        text: TextTokens,
+        texts: &[TextTokens],
         pooled: &Tensor,
     ) -> Result<Tensor> {
-        let Some(pooled_embedder) = &self.pooled_embedder else {
+        let (Some(pooled_embedder), Some(tc)) = (&self.pooled_embedder, self.config.text) else {
             candle_core::bail!("a class-conditional model takes labels: use forward");
         };
-        let tokens = text.tokens.to_dtype(self.dtype())?;
-        let text = TextTokens {
-            tokens: &tokens,
-            mask: text.mask,
-        };
-        self.forward_conditioned(x, t, &pooled_embedder.forward(pooled)?, Some(text))
+        if texts.len() != tc.encoders() {
+            candle_core::bail!(
+                "the model reads {} text encoder(s), given {}",
+                tc.encoders(),
+                texts.len()
+            );
+        }
+        let tokens = texts
+            .iter()
+            .map(|t| t.tokens.to_dtype(self.dtype()))
+            .collect::<Result<Vec<_>>>()?;
+        let texts: Vec<TextTokens> = texts
+            .iter()
+            .zip(&tokens)
+            .map(|(t, tokens)| TextTokens {
+                tokens,
+                mask: t.mask,
+            })
+            .collect();
+        self.forward_conditioned(x, t, &pooled_embedder.forward(pooled)?, &texts)
     }
 
     /// The network given the condition's embedding `y_emb` (label or pooled text), added to the
-    /// timestep embedding.
+    /// timestep embedding, and a text model's token sets (which the blocks take in turn).
     fn forward_conditioned(
         &self,
         x: &Tensor,
         t: &Tensor,
         y_emb: &Tensor,
-        text: Option<TextTokens>,
+        texts: &[TextTokens],
     ) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let x = self
@@ -207,15 +275,16 @@ impl DiT {
         let cond = Condition {
             c: &c,
             tokens: &tokens,
-            text,
+            text: None,
         };
         let in_context = self.config.block == BlockDesign::InContext;
         let mut x = match in_context {
             true => Tensor::cat(&[&tokens, &x], 1)?,
             false => x,
         };
-        for block in &self.blocks {
-            x = block.forward(&x, &cond)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let text = (!texts.is_empty()).then(|| texts[i % texts.len()]);
+            x = block.forward(&x, &Condition { text, ..cond })?;
         }
         if in_context {
             let extra = self.config.block.extra_tokens();
@@ -259,23 +328,16 @@ impl DiT {
         channels: GuidedChannels,
     ) -> Result<Tensor> {
         let n = x.dim(0)?;
-        let both = |a: &Tensor, e: &Tensor| -> Result<Tensor> {
+        let both = text.try_zip(empty, |a, e| {
             let mut shape = e.dims().to_vec();
             shape[0] = n;
             Tensor::cat(&[a, &e.to_dtype(a.dtype())?.broadcast_as(shape)?], 0)
-        };
-        let (tokens, mask) = (
-            both(&text.tokens, &empty.tokens)?,
-            both(&text.mask, &empty.mask)?,
-        );
+        })?;
         let out = self.forward_text(
             &Tensor::cat(&[x, x], 0)?,
             &Tensor::cat(&[t, t], 0)?,
-            TextTokens {
-                tokens: &tokens,
-                mask: Some(&mask),
-            },
-            &both(&text.pooled, &empty.pooled)?,
+            &both.token_sets(),
+            &both.pooled,
         )?;
         self.mix_guidance(&out, scale, channels)
     }

@@ -5,5 +5,5 @@ pub mod dit;
 pub mod embed;
 
 pub use block::{DiTBlock, FinalLayer, TextTokens};
-pub use dit::{DiT, GuidedChannels, TextBatch};
+pub use dit::{DiT, GuidedChannels, SecondText, TextBatch};
 pub use embed::{LabelEmbedder, PatchEmbed, PooledTextEmbedder, TimestepEmbedder};
