@@ -1351,3 +1351,76 @@ fn two_text_encoders_alternate_over_the_blocks() {
     );
     succeeds(&train(&[&clip, &t5], &out, Some(&out.join("step-0000001"))));
 }
+
+/// A captioned set in the emoji package's layout (RGBA PNGs named in emoji.json) is extracted to
+/// a latent store that keeps the captions, and a text model trains from the store.
+#[test]
+fn emoji_layout_extracts_to_a_captioned_store_that_trains_a_text_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("emoji-datasource-google");
+    let images = pkg.join("img/google/64");
+    std::fs::create_dir_all(&images).unwrap();
+    let json = r#"[
+      {"name": "RED APPLE", "image": "1f34e.png", "has_img_google": true},
+      {"name": "BLUE HEART", "image": "1f499.png", "has_img_google": true,
+       "skin_variations": {"1F3FD": {"image": "1f499-1f3fd.png", "has_img_google": true}}}
+    ]"#;
+    std::fs::write(pkg.join("emoji.json"), json).unwrap();
+    for (f, rgb) in [
+        ("1f34e.png", [200u8, 20, 20]),
+        ("1f499.png", [20, 20, 200]),
+        ("1f499-1f3fd.png", [20, 120, 200]),
+    ] {
+        image::RgbaImage::from_fn(20, 20, |x, _| {
+            image::Rgba([rgb[0], rgb[1], rgb[2], (x * 12) as u8])
+        })
+        .save(images.join(f))
+        .unwrap();
+    }
+    let store = dir.path().join("store");
+    let out = dit(&[
+        "extract-latents",
+        p(&pkg),
+        "--out",
+        p(&store),
+        "--image-size",
+        "16",
+        "--vae",
+        p(&fixture("tiny_vae_folder")),
+    ]);
+    succeeds(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("wrote 3 latents (3 captions, 4x8x8)"),
+        "{stdout}"
+    );
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(store.join("index.json")).unwrap()).unwrap();
+    assert_eq!(
+        index["captions"],
+        serde_json::json!(["blue heart", "blue heart, medium skin tone", "red apple"])
+    );
+    let run = dir.path().join("run");
+    succeeds(&train_tiny(&[
+        "--data",
+        p(&store),
+        "--text-encoder",
+        p(&fixture("tiny_clip")),
+        "--patch",
+        "2",
+        "--out",
+        p(&run),
+        "--steps",
+        "1",
+        "--batch-size",
+        "3",
+        "--sample-every",
+        "0",
+    ]));
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("step-0000001/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["model"]["in_channels"], 4);
+    assert_eq!(state["model"]["text"]["context_dim"], 32);
+}
