@@ -239,24 +239,31 @@ def gentron_forward(w, cfg, x, t, texts, pooled):
     return torch.einsum("nhwpqc->nchpwq", h).reshape(N, oc, g * p, g * p)
 
 
+def gentron_weights(cfg, gen, pooled_dim, context_dims):
+    """Random weights of a text model: a DiT's without the label table, the pooled-text MLP, and
+    in each block a LayerNorm and cross-attention reading encoder i mod len(context_dims)."""
+    w = random_weights(cfg, gen)
+    del w["y_embedder.embedding_table.weight"]
+    D = cfg["hidden"]
+    rnd = lambda *s: torch.randn(s, generator=gen) / math.sqrt(s[-1]) if len(s) > 1 else torch.randn(s, generator=gen) * 0.05
+    w["pooled_embedder.mlp.0.weight"], w["pooled_embedder.mlp.0.bias"] = rnd(D, pooled_dim), rnd(D)
+    w["pooled_embedder.mlp.2.weight"], w["pooled_embedder.mlp.2.bias"] = rnd(D, D), rnd(D)
+    for i in range(cfg["depth"]):
+        b, ctx = f"blocks.{i}.", context_dims[i % len(context_dims)]
+        w[b + "norm_cross.weight"] = 1.0 + 0.2 * torch.randn(D, generator=gen)
+        w[b + "norm_cross.bias"] = 0.2 * torch.randn(D, generator=gen)
+        for n, o, fan in [("q", D, D), ("kv", 2 * D, ctx), ("proj", D, D)]:
+            w[b + f"cross_attn.{n}.weight"], w[b + f"cross_attn.{n}.bias"] = rnd(o, fan), rnd(o)
+    return w
+
+
 def gentron_fixture(gen):
     """gentron.safetensors: a tiny text-conditioned model (text width 48, pooled width 40,
     7 tokens, the second prompt padded after 4) with every weight random and non-zero, its
     inputs, and the forward pass; padded positions hold garbage the mask must hide."""
     cfg = dict(depth=2, hidden=64, heads=4, patch=2, in_channels=4, out_channels=8, classes=10, latent=8)
     Ctx, P, S = 48, 40, 7
-    w = random_weights(cfg, gen)
-    del w["y_embedder.embedding_table.weight"]
-    D = cfg["hidden"]
-    rnd = lambda *s: torch.randn(s, generator=gen) / math.sqrt(s[-1]) if len(s) > 1 else torch.randn(s, generator=gen) * 0.05
-    w["pooled_embedder.mlp.0.weight"], w["pooled_embedder.mlp.0.bias"] = rnd(D, P), rnd(D)
-    w["pooled_embedder.mlp.2.weight"], w["pooled_embedder.mlp.2.bias"] = rnd(D, D), rnd(D)
-    for i in range(cfg["depth"]):
-        b = f"blocks.{i}."
-        w[b + "norm_cross.weight"] = 1.0 + 0.2 * torch.randn(D, generator=gen)
-        w[b + "norm_cross.bias"] = 0.2 * torch.randn(D, generator=gen)
-        for n, o, fan in [("q", D, D), ("kv", 2 * D, Ctx), ("proj", D, D)]:
-            w[b + f"cross_attn.{n}.weight"], w[b + f"cross_attn.{n}.bias"] = rnd(o, fan), rnd(o)
+    w = gentron_weights(cfg, gen, P, [Ctx])
     x = torch.randn(2, 4, 8, 8, generator=gen)
     t = torch.tensor([10, 700])
     text = torch.randn(2, S, Ctx, generator=gen)
@@ -277,18 +284,7 @@ def gentron_pair_fixture():
     cfg = dict(depth=3, hidden=32, heads=2, patch=2, in_channels=4, out_channels=8, classes=10, latent=4)
     dims = [(48, 7, 3), (24, 5, 2)]  # (width, tokens, the second prompt's real tokens)
     P = 48
-    w = random_weights(cfg, gen)
-    del w["y_embedder.embedding_table.weight"]
-    D = cfg["hidden"]
-    rnd = lambda *s: torch.randn(s, generator=gen) / math.sqrt(s[-1]) if len(s) > 1 else torch.randn(s, generator=gen) * 0.05
-    w["pooled_embedder.mlp.0.weight"], w["pooled_embedder.mlp.0.bias"] = rnd(D, P), rnd(D)
-    w["pooled_embedder.mlp.2.weight"], w["pooled_embedder.mlp.2.bias"] = rnd(D, D), rnd(D)
-    for i in range(cfg["depth"]):
-        b, ctx = f"blocks.{i}.", dims[i % 2][0]
-        w[b + "norm_cross.weight"] = 1.0 + 0.2 * torch.randn(D, generator=gen)
-        w[b + "norm_cross.bias"] = 0.2 * torch.randn(D, generator=gen)
-        for n, o, fan in [("q", D, D), ("kv", 2 * D, ctx), ("proj", D, D)]:
-            w[b + f"cross_attn.{n}.weight"], w[b + f"cross_attn.{n}.bias"] = rnd(o, fan), rnd(o)
+    w = gentron_weights(cfg, gen, P, [d[0] for d in dims])
     x = torch.randn(2, 4, 4, 4, generator=gen)
     t = torch.tensor([3, 920])
     texts, f = [], {}

@@ -59,6 +59,11 @@ fn train_tiny(args: &[&str]) -> Output {
     dit(&all)
 }
 
+/// The `state.json` of a `dit train` checkpoint folder.
+fn state_of(ckpt: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap()
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -228,10 +233,7 @@ fn train_logs_checkpoints_resumes_and_samples() {
     assert_eq!((plot.width(), plot.height()), (800, 500));
     let grid = image::open(out.join("samples/step-0000006.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (10 * 30 + 2, 2 * 30 + 2));
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("step-0000006/state.json")).unwrap(),
-    )
-    .unwrap();
+    let state: serde_json::Value = state_of(&out.join("step-0000006"));
     assert_eq!(state["model"]["patch_size"], 4);
     // Checkpoints at 3 and 6, both kept; resuming from 6 continues to 9 and prunes 3.
     assert!(
@@ -352,10 +354,7 @@ fn extract_latents_then_train_and_fine_tune_from_the_store() {
     let mut args = vec!["--data", p(&store), "--out", p(&run), "--patch", "2"];
     args.extend_from_slice(&common);
     succeeds(&train_tiny(&args));
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run.join("step-0000002/state.json")).unwrap(),
-    )
-    .unwrap();
+    let state: serde_json::Value = state_of(&run.join("step-0000002"));
     assert_eq!(state["model"]["num_classes"], 2);
     assert_eq!(state["model"]["in_channels"], 4);
     assert_eq!(state["model"]["input_size"], 8);
@@ -399,10 +398,7 @@ fn train_in_pixel_space_from_an_image_folder() {
         "--sample-every",
         "0",
     ]));
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run.join("step-0000001/state.json")).unwrap(),
-    )
-    .unwrap();
+    let state: serde_json::Value = state_of(&run.join("step-0000001"));
     assert_eq!(
         (
             state["model"]["in_channels"].as_u64(),
@@ -781,8 +777,7 @@ fn a_v_prediction_cosine_model_trains_and_samples_as_trained() {
         "0",
     ]));
     let ckpt = run.join("step-0000002");
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
+    let state: serde_json::Value = state_of(&ckpt);
     assert_eq!(
         (
             state["model"]["prediction"].as_str(),
@@ -863,9 +858,7 @@ fn block_designs_train_sample_and_convert() {
             "0",
         ]));
         let ckpt = out.join("step-0000002");
-        let state: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap())
-                .unwrap();
+        let state: serde_json::Value = state_of(&ckpt);
         assert_eq!(state["model"]["block"], design);
         let png = dir.path().join(format!("{design}.png"));
         let sample = |ckpt: &Path| {
@@ -1156,10 +1149,7 @@ fn captioned_folders_train_text_models_that_resume_and_sample() {
     let (n, s, c) = cached["tokens"].dims3().unwrap();
     assert_eq!((n, c), (2, 32));
     assert!(s > 2 && s < 12, "{s}");
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("step-0000002/state.json")).unwrap(),
-    )
-    .unwrap();
+    let state: serde_json::Value = state_of(&out.join("step-0000002"));
     assert_eq!(state["model"]["num_classes"], 0);
     assert_eq!(state["model"]["text"]["context_dim"], 32);
     // Two captions x 2 rows of 8 px tiles (2 px padding); the captions beside it.
@@ -1286,10 +1276,7 @@ fn two_text_encoders_alternate_over_the_blocks() {
         dit(&all)
     };
     succeeds(&train(&[&clip, &t5], &out, None));
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("step-0000001/state.json")).unwrap(),
-    )
-    .unwrap();
+    let state: serde_json::Value = state_of(&out.join("step-0000001"));
     let text = &state["model"]["text"];
     assert_eq!(
         (
@@ -1417,10 +1404,7 @@ fn emoji_layout_extracts_to_a_captioned_store_that_trains_a_text_model() {
         "--sample-every",
         "0",
     ]));
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run.join("step-0000001/state.json")).unwrap(),
-    )
-    .unwrap();
+    let state: serde_json::Value = state_of(&run.join("step-0000001"));
     assert_eq!(state["model"]["in_channels"], 4);
     assert_eq!(state["model"]["text"]["context_dim"], 32);
 }

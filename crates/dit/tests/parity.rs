@@ -197,9 +197,19 @@ fn block_designs_match_torch() {
     }
 }
 
-/// GenTron's text conditioning against the torch implementation of tools/make_fixtures.py: the
-/// config inferred from the tensors, the forward pass with a padded prompt, the mask hiding the
-/// padding, and a new text model starting as the identity in every block.
+/// A text-model fixture's weights (all but its `in.*` inputs) and the config inferred from them.
+fn weights_and_config(
+    f: &std::collections::HashMap<String, Tensor>,
+) -> (checkpoint::Tensors, dit::DiTConfig) {
+    let tensors: checkpoint::Tensors = f
+        .iter()
+        .filter(|(k, _)| !k.starts_with("in."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let cfg = checkpoint::infer_config(&tensors, None).unwrap();
+    (tensors, cfg)
+}
+
 /// GenTron's two text encoders alternating over the blocks (blocks 0 and 2 read the first
 /// encoder's tokens, block 1 the second's, of another width) against the torch implementation:
 /// the second width inferred from the tensors, the forward pass with both prompts padded, each
@@ -209,12 +219,7 @@ fn gentron_with_two_alternating_encoders_matches_torch() {
     use dit::model::TextTokens;
     let f = load("gentron_pair.safetensors");
     let inp = |k: &str| f[&format!("in.{k}")].clone();
-    let tensors: checkpoint::Tensors = f
-        .iter()
-        .filter(|(k, _)| !k.starts_with("in."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut cfg = checkpoint::infer_config(&tensors, None).unwrap();
+    let (tensors, mut cfg) = weights_and_config(&f);
     let tc = cfg.text.expect("a text model");
     assert_eq!(
         (tc.context_dim, tc.second_context_dim, tc.pooled_dim),
@@ -271,17 +276,15 @@ fn gentron_with_two_alternating_encoders_matches_torch() {
     assert!(model.forward_text(&x, &t, &one, &pooled).is_err());
 }
 
+/// GenTron's text conditioning against the torch implementation of tools/make_fixtures.py: the
+/// config inferred from the tensors, the forward pass with a padded prompt, the mask hiding the
+/// padding, and a new text model starting as the identity in every block.
 #[test]
 fn gentron_text_model_matches_torch_and_honours_the_mask() {
     use dit::model::TextTokens;
     let f = load("gentron.safetensors");
     let inp = |k: &str| f[&format!("in.{k}")].clone();
-    let tensors: checkpoint::Tensors = f
-        .iter()
-        .filter(|(k, _)| !k.starts_with("in."))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut cfg = checkpoint::infer_config(&tensors, None).unwrap();
+    let (tensors, mut cfg) = weights_and_config(&f);
     let text_cfg = cfg.text.expect("recognised as a text model");
     assert_eq!((text_cfg.context_dim, text_cfg.pooled_dim), (48, 40));
     assert_eq!(cfg.num_classes, 0);
