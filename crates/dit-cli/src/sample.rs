@@ -141,7 +141,7 @@ pub struct SampleArgs {
     /// What guidance steers away from (default: the empty prompt).
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// The text encoder folder of a text model (default: `$DIT_MINILM`, else the folder
+    /// The text encoder folder or Hugging Face repo id of a text model (default: `$DIT_MINILM`, else the folder
     /// `tools/fetch-minilm.sh` writes, ~/.cache/dit/all-MiniLM-L6-v2); twice for a model that
     /// alternates two encoders (first the one that gives the pooled embedding, e.g. CLIP, then T5).
     #[arg(long)]

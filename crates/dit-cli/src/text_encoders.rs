@@ -8,8 +8,8 @@ use candle_core::Device;
 use dit::config::TextConditioning;
 use dit::text::TextEncoder;
 
-/// The folders given, or the default: `$DIT_MINILM`, else the folder `tools/fetch-minilm.sh`
-/// writes (~/.cache/dit/all-MiniLM-L6-v2).
+/// The folders given (or the snapshot folders of the hub repo ids given), or the default:
+/// `$DIT_MINILM`, else the folder `tools/fetch-minilm.sh` writes (~/.cache/dit/all-MiniLM-L6-v2).
 pub fn dirs(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if given.len() > 2 {
         bail!(
@@ -18,7 +18,11 @@ pub fn dirs(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
         );
     }
     if !given.is_empty() {
-        return Ok(given.to_vec());
+        // Folders as they are; hub repo ids from the Hugging Face cache (or downloaded).
+        return given
+            .iter()
+            .map(|g| Ok(dit::text::resolve(&g.to_string_lossy())?))
+            .collect();
     }
     let default = std::env::var_os("DIT_MINILM")
         .map(PathBuf::from)

@@ -86,7 +86,7 @@ pub struct TrainArgs {
     /// Built-in shapes: renderings of each training caption.
     #[arg(long, default_value_t = 16)]
     per_caption: usize,
-    /// Captioned data: the text encoder folder (default: `$DIT_MINILM`, else the folder
+    /// Captioned data: the text encoder folder or Hugging Face repo id (default: `$DIT_MINILM`, else the folder
     /// `tools/fetch-minilm.sh` writes, ~/.cache/dit/all-MiniLM-L6-v2); twice for GenTron's two
     /// encoders alternating over the blocks (the first also gives the pooled embedding: CLIP,
     /// then T5). Captions are encoded once into OUT/text-embeddings.safetensors.

@@ -1408,3 +1408,55 @@ fn emoji_layout_extracts_to_a_captioned_store_that_trains_a_text_model() {
     assert_eq!(state["model"]["in_channels"], 4);
     assert_eq!(state["model"]["text"]["context_dim"], 32);
 }
+
+/// `--text-encoder owner/name` finds the model in the Hugging Face cache ($HF_HOME/hub, the
+/// hub's own layout), offline; a repo missing from the cache is a clear error.
+#[test]
+fn text_encoders_resolve_from_the_hugging_face_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("hf/hub/models--tiny--clip");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for f in std::fs::read_dir(fixture("tiny_clip")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
+    }
+    let run = |encoder: &str, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_dit"))
+            .args([
+                "train",
+                "--depth",
+                "1",
+                "--hidden",
+                "32",
+                "--heads",
+                "2",
+                "--builtin",
+                "shapes",
+                "--image-size",
+                "8",
+                "--per-caption",
+                "1",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--sample-every",
+                "0",
+                "--text-encoder",
+                encoder,
+                "--out",
+            ])
+            .arg(dir.path().join(out))
+            .env("HF_HOME", dir.path().join("hf"))
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let ok = run("tiny/clip", "a");
+    succeeds(&ok);
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("snapshots/0123abcd"));
+    fails_with(&run("tiny/absent", "b"), "not in the Hugging Face cache");
+}

@@ -17,7 +17,7 @@
 //!   pooled embedding is their mean over the real tokens. candle's T5 takes no attention mask, so
 //!   each prompt runs at its own length and the rest is zero padding (what a mask would give).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -82,9 +82,9 @@ impl TextEncoder {
             _ => config["max_position_embeddings"].as_u64(),
         };
         let max_tokens = positions.map_or(max_tokens, |p| max_tokens.min(p as usize));
-        let weights = dir.join("model.safetensors");
-        // SAFETY: the file is memory-mapped read-only and not modified while loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+        let weights = weight_files(dir)?;
+        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, DType::F32, device) }
             .map_err(|e| bad(dir, e))?;
         let (network, width) = match kind.as_str() {
             "bert" => {
@@ -258,6 +258,88 @@ impl TextEncoder {
             second: None,
         })
     }
+}
+
+/// The weights of a model folder: `model.safetensors`, or the shards that
+/// `model.safetensors.index.json` lists (large encoders such as Flan-T5-XXL come sharded).
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index)
+        .map_err(|_| bad(dir, "no model.safetensors or model.safetensors.index.json"))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(dir, e))?;
+    let shards: std::collections::BTreeSet<&str> = v["weight_map"]
+        .as_object()
+        .ok_or_else(|| bad(dir, "model.safetensors.index.json has no weight_map"))?
+        .values()
+        .filter_map(|f| f.as_str())
+        .collect();
+    Ok(shards.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// The files a text encoder folder needs (weights aside).
+const FOLDER_FILES: [&str; 2] = ["config.json", "tokenizer.json"];
+
+/// Finds a text encoder: a local folder, or a Hugging Face repo id (`openai/clip-vit-large-patch14`,
+/// `google/flan-t5-xxl`, `sentence-transformers/all-MiniLM-L6-v2`) looked up in the local cache
+/// first (`$HF_HOME/hub`) and downloaded when online. Returns the folder with config.json,
+/// tokenizer.json and the weights (whole or sharded).
+pub fn resolve(source: &str) -> Result<PathBuf> {
+    let p = Path::new(source);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    if !source.contains('/') || source.starts_with('.') || source.starts_with('/') || p.exists() {
+        return Err(Error::Input(format!(
+            "text encoder {source} is neither a model folder nor a hub repo id"
+        )));
+    }
+    let repo = source.to_string();
+    let cache = hf_hub::Cache::from_env().model(repo.clone());
+    // Downloads only when the cache lacks the model and HF_HUB_OFFLINE is not set.
+    let online = cache.get(FOLDER_FILES[0]).is_none()
+        && std::env::var("HF_HUB_OFFLINE").map_or(true, |v| v.is_empty() || v == "0");
+    let fetch = |file: &str| -> Result<PathBuf> {
+        if let Some(f) = cache.get(file) {
+            return Ok(f);
+        }
+        let missing = |why: String| {
+            Error::Input(format!(
+                "text encoder {repo}: {file} is not in the Hugging Face cache{why}"
+            ))
+        };
+        if !online {
+            return Err(missing(String::new()));
+        }
+        let api = hf_hub::api::sync::Api::new().map_err(|e| missing(format!("; hub: {e}")))?;
+        api.model(repo.clone())
+            .get(file)
+            .map_err(|e| missing(format!(" and could not be downloaded: {e}")))
+    };
+    let config = fetch(FOLDER_FILES[0])?;
+    for f in &FOLDER_FILES[1..] {
+        fetch(f)?;
+    }
+    // sentence-transformers' pooling settings, where the repo has them.
+    let _ = fetch("modules.json");
+    let dir = config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| Error::Input(format!("text encoder {repo}: odd cache path")))?;
+    if fetch("model.safetensors").is_err() {
+        fetch("model.safetensors.index.json")?;
+        for shard in weight_files(&dir)? {
+            let name = shard
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            fetch(name)?;
+        }
+    }
+    Ok(dir)
 }
 
 /// Encodes prompts with one text encoder, or two (GenTron's CLIP + T5): the first gives the

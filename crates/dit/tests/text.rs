@@ -172,3 +172,49 @@ fn text_cache_keeps_the_encodings_and_knows_when_it_is_stale() {
     assert!(TextCache::load(&path, &dev).is_err());
     std::fs::remove_file(&path).ok();
 }
+
+/// Sharded weights (`model.safetensors.index.json`, as Flan-T5-XXL ships) load like one file.
+#[test]
+fn sharded_encoder_weights_load_like_one_file() {
+    let dev = Device::Cpu;
+    let src = common::fixture("tiny_t5");
+    let dir = std::env::temp_dir().join(format!("dit-sharded-t5-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        if f.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &dev).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (i, part) in [a, b].iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let tensors: std::collections::HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&tensors, dir.join(&file)).unwrap();
+        for n in part.iter() {
+            map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let whole = TextEncoder::load(&src, 12, &dev).unwrap();
+    let sharded = TextEncoder::load(&dir, 12, &dev).unwrap();
+    let (x, y) = (
+        whole.encode(&PROMPTS).unwrap(),
+        sharded.encode(&PROMPTS).unwrap(),
+    );
+    assert_eq!(common::max_abs_diff(&x.tokens, &y.tokens), 0.0);
+    // A folder with neither weights file is a clear error.
+    std::fs::remove_file(dir.join("model.safetensors.index.json")).unwrap();
+    let err = TextEncoder::load(&dir, 12, &dev).err().unwrap().to_string();
+    assert!(err.contains("model.safetensors.index.json"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
