@@ -204,11 +204,22 @@ def block_designs_fixture(gen):
     save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "block_designs.safetensors"))
 
 
-def gentron_forward(w, cfg, x, t, texts, pooled):
+def frame_positions(D, T):
+    """1-D sin-cos features of frames 0..T-1: sin in the first half, cos in the second."""
+    half = D // 2
+    freq = 1.0 / 10000 ** (np.arange(half, dtype=np.float64) / half)
+    args = np.arange(T, dtype=np.float64)[:, None] * freq[None]
+    return torch.tensor(np.concatenate([np.sin(args), np.cos(args)], axis=1), dtype=torch.float32)
+
+
+def gentron_forward(w, cfg, x, t, texts, pooled, frames=1, motion=None):
     """A text-conditioned DiT as GenTron (arXiv 2312.04557, §3.2): adaLN-Zero blocks driven by
     t_emb + MLP(pooled text), and after self-attention x + CrossAttn(LN(x), text tokens) with the
     padded tokens masked out. `texts` is [(tokens, mask)] per text encoder; with two (GenTron's
-    CLIP + T5) block i attends to encoder i mod 2."""
+    CLIP + T5) block i attends to encoder i mod 2. A video model (temporal_attn weights) takes
+    clips as N = clips * frames rows, conditions already repeated per frame; after the
+    cross-attention each spatial position attends across its clip's frames (input LN + frame
+    positions), with `motion` (clips,) 0 making a clip's frames see only themselves."""
     D, p, H = cfg["hidden"], cfg["patch"], cfg["heads"]
     N, C, Hh, Ww = x.shape
     lin = lambda z, n: F.linear(z, w[n + ".weight"], w[n + ".bias"])
@@ -230,6 +241,19 @@ def gentron_forward(w, cfg, x, t, texts, pooled):
         k, v = lin(text, b + "cross_attn.kv").chunk(2, dim=-1)
         o = merge(F.scaled_dot_product_attention(q, heads(k), heads(v), attn_mask=keep))
         h = h + lin(o, b + "cross_attn.proj")
+        if b + "temporal_attn.qkv.weight" in w:
+            clips, L = N // frames, h.shape[1]
+            z = ln(h, b + "norm_temporal").reshape(clips, frames, L, D).transpose(1, 2)
+            z = z.reshape(clips * L, frames, D) + frame_positions(D, frames)
+            th = lambda u: u.reshape(clips * L, frames, H, D // H).transpose(1, 2)
+            tq, tk, tv = lin(z, b + "temporal_attn.qkv").chunk(3, dim=-1)
+            allowed = torch.ones(clips * L, 1, frames, frames, dtype=torch.bool)
+            if motion is not None:
+                alone = (motion == 0).repeat_interleave(L)
+                allowed[alone] = torch.eye(frames, dtype=torch.bool)
+            o = F.scaled_dot_product_attention(th(tq), th(tk), th(tv), attn_mask=allowed)
+            o = lin(o.transpose(1, 2).reshape(clips * L, frames, D), b + "temporal_attn.proj")
+            h = h + o.reshape(clips, L, frames, D).transpose(1, 2).reshape(N, L, D)
         a = F.gelu(lin(modulate(ln(h), m[3], m[4]), b + "mlp.fc1"), approximate="tanh")
         h = h + m[5].unsqueeze(1) * lin(a, b + "mlp.fc2")
     m = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
@@ -298,6 +322,37 @@ def gentron_pair_fixture():
     out = gentron_forward(w, cfg, x, t, texts, pooled)
     f |= {k: v for k, v in w.items()} | {"in.x": x, "in.t": t, "in.pooled": pooled, "in.out": out}
     save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "gentron_pair.safetensors"))
+
+
+def gentron_video_fixture():
+    """gentron_video.safetensors: a tiny text-to-video model (GenTron §3.3: temporal
+    self-attention after the cross-attention), every weight random and non-zero, two clips of 3
+    frames, the second motion-free (identity temporal mask), and the forward pass."""
+    gen = torch.Generator().manual_seed(6)
+    cfg = dict(depth=2, hidden=32, heads=2, patch=2, in_channels=4, out_channels=8, classes=10, latent=4)
+    Ctx, P, S, T = 24, 16, 5, 3
+    w = gentron_weights(cfg, gen, P, [Ctx])
+    D = cfg["hidden"]
+    rnd = lambda *s: torch.randn(s, generator=gen) / math.sqrt(s[-1]) if len(s) > 1 else torch.randn(s, generator=gen) * 0.05
+    for i in range(cfg["depth"]):
+        b = f"blocks.{i}."
+        w[b + "norm_temporal.weight"] = 1.0 + 0.2 * torch.randn(D, generator=gen)
+        w[b + "norm_temporal.bias"] = 0.2 * torch.randn(D, generator=gen)
+        for n, o in [("qkv", 3 * D), ("proj", D)]:
+            w[b + f"temporal_attn.{n}.weight"], w[b + f"temporal_attn.{n}.bias"] = rnd(o, D), rnd(o)
+    x = torch.randn(2, 4, T, 4, 4, generator=gen)  # (clips, C, T, H, W)
+    t = torch.tensor([40, 870])
+    text = torch.randn(2, S, Ctx, generator=gen)
+    mask = torch.tensor([[1] * S, [1] * 2 + [0] * (S - 2)], dtype=torch.float32)
+    pooled = torch.randn(2, P, generator=gen)
+    motion = torch.tensor([1.0, 0.0])
+    rep = lambda z: z.repeat_interleave(T, dim=0)
+    frames_x = x.permute(0, 2, 1, 3, 4).reshape(2 * T, 4, 4, 4)
+    out = gentron_forward(w, cfg, frames_x, rep(t), [(rep(text), rep(mask))], rep(pooled), frames=T, motion=motion)
+    out = out.reshape(2, T, 8, 4, 4).permute(0, 2, 1, 3, 4)
+    f = {k: v for k, v in w.items()} | {"in.x": x, "in.t": t, "in.text": text, "in.mask": mask,
+                                         "in.pooled": pooled, "in.motion": motion, "in.out": out}
+    save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "gentron_video.safetensors"))
 
 
 # ---------------------------------------------------------------- cross-check with diffusers
@@ -574,4 +629,5 @@ if __name__ == "__main__":
     block_designs_fixture(gen)
     gentron_fixture(gen)
     gentron_pair_fixture()
+    gentron_video_fixture()
     print("fixtures written to", os.path.abspath(OUT))

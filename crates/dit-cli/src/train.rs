@@ -502,6 +502,7 @@ fn initial_weights(a: &TrainArgs, m: &NewModel) -> Result<(DiTConfig, dit::check
             prediction: Default::default(),
             block: a.block.into(),
             text: m.text,
+            video: None,
         },
     };
     let model = with_target(model, a);

@@ -947,6 +947,7 @@ fn text_models_sample_from_prompts() {
         prediction: Default::default(),
         block: Default::default(),
         text: Some(dit::config::TextConditioning::single(384, 16)),
+        video: None,
     };
     let mut w = dit::train::reference_init(&cfg, &mut dit::rng::NoiseRng::new(0)).unwrap();
     for (k, v) in w.iter_mut() {

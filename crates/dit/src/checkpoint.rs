@@ -192,6 +192,11 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
         prediction: Default::default(),
         block,
         text,
+        // A video model has temporal attention; its clip length is not recorded (8 unless a
+        // config says).
+        video: t
+            .contains_key("blocks.0.temporal_attn.qkv.weight")
+            .then_some(crate::config::VideoConfig { frames: 8 }),
     };
     cfg.validate()?;
     Ok(cfg)
@@ -262,6 +267,11 @@ pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
                 text.context_dim_of(i),
             );
             linear(&mut v, format!("{b}.cross_attn.proj"), d, d);
+        }
+        if cfg.video.is_some() {
+            norm(&mut v, format!("{b}.norm_temporal"));
+            linear(&mut v, format!("{b}.temporal_attn.qkv"), 3 * d, d);
+            linear(&mut v, format!("{b}.temporal_attn.proj"), d, d);
         }
     }
     match cfg.block.uses_ada_ln() {

@@ -32,6 +32,21 @@ pub struct DiTConfig {
     /// Text conditioning (GenTron) instead of classes: `num_classes` is then 0.
     #[serde(default)]
     pub text: Option<TextConditioning>,
+    /// A video model (GenTron's text-to-video): inputs are clips (N, C, T, H, W) and each block
+    /// gets a temporal self-attention layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video: Option<VideoConfig>,
+}
+
+/// GenTron's text-to-video extension (arXiv 2312.04557, §3.3): in every adaLN-Zero block, after
+/// the cross-attention and before the MLP, each spatial position attends across the frames of
+/// its clip. The layer's output projection starts at zero, so a video model made from an image
+/// checkpoint is, frame by frame, that image model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoConfig {
+    /// Frames per clip the model is trained and sampled with (any count runs: the frame positions
+    /// are fixed sin-cos features).
+    pub frames: usize,
 }
 
 /// GenTron's text conditioning (arXiv 2312.04557, §3.2): in every adaLN-Zero block a
@@ -153,6 +168,7 @@ impl DiTConfig {
             prediction: Default::default(),
             block: BlockDesign::AdaLnZero,
             text: Some(text),
+            video: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -198,6 +214,7 @@ impl DiTConfig {
             prediction: Default::default(),
             block: Default::default(),
             text: None,
+            video: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -237,6 +254,13 @@ impl DiTConfig {
     /// Checks the invariants the model relies on; every error says what to change.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
+        match self.video {
+            Some(v) if v.frames == 0 => return bad("a video model needs at least one frame".into()),
+            Some(_) if self.block != BlockDesign::AdaLnZero => {
+                return bad("video models are built on adaLN-Zero blocks (GenTron)".into())
+            }
+            _ => {}
+        }
         if self.patch_size == 0 || !self.input_size.is_multiple_of(self.patch_size) {
             return bad(format!(
                 "input size {} is not divisible by the patch size {}",

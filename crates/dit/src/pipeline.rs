@@ -280,6 +280,7 @@ mod tests {
             prediction: Default::default(),
             block: Default::default(),
             text: None,
+            video: None,
         };
         let mut rng = NoiseRng::new(9);
         let tensors = crate::checkpoint::expected_shapes(&cfg)

@@ -35,8 +35,10 @@ pub fn reference_init(cfg: &DiTConfig, rng: &mut NoiseRng) -> Result<Tensors> {
         } else if name.ends_with(".bias")
             || name.contains("adaLN_modulation")
             || name.starts_with("final_layer.linear")
-            // GenTron's text cross-attention starts closed: the block is its image self.
+            // GenTron's text cross-attention and temporal attention start closed: the block is
+            // its image self.
             || (cfg.text.is_some() && name.contains("cross_attn.proj"))
+            || name.contains("temporal_attn.proj")
         {
             zeros
         } else if name == "y_embedder.embedding_table.weight"
@@ -51,6 +53,29 @@ pub fn reference_init(cfg: &DiTConfig, rng: &mut NoiseRng) -> Result<Tensors> {
         };
         out.insert(name, t);
     }
+    Ok(out)
+}
+
+/// A video model (`cfg.video`) from an image model's weights: every image weight kept, the
+/// temporal attention layers initialised as [`reference_init`] does (output projection zero), so
+/// the video model starts as the image model applied frame by frame. Any other missing or
+/// misshapen tensor is an error naming it.
+pub fn video_from_image(image: &Tensors, cfg: &DiTConfig, rng: &mut NoiseRng) -> Result<Tensors> {
+    let fresh = reference_init(cfg, rng)?;
+    let mut out = Tensors::new();
+    for (name, init) in fresh {
+        let t = match image.get(&name) {
+            Some(t) => t.to_dtype(DType::F32)?,
+            None if name.contains("temporal") => init,
+            None => {
+                return Err(crate::Error::Checkpoint(format!(
+                    "the image model has no {name}"
+                )))
+            }
+        };
+        out.insert(name, t);
+    }
+    crate::checkpoint::validate(cfg, &out)?;
     Ok(out)
 }
 
@@ -623,6 +648,7 @@ mod tests {
             prediction: Default::default(),
             block: Default::default(),
             text: None,
+            video: None,
         }
     }
 
@@ -752,6 +778,7 @@ mod tests {
                 pooled_dim: p,
                 ..TextConditioning::single(c, s)
             }),
+            video: None,
             ..tiny()
         };
         let init = reference_init(&cfg, &mut NoiseRng::new(1)).unwrap();

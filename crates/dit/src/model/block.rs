@@ -145,12 +145,23 @@ impl CrossAttention {
 
 /// What a block is conditioned on: c = t_emb + y_emb (adaLN designs; t_emb + pooled text for
 /// GenTron), the two-token sequence [t_emb, y_emb] (cross-attention design), and a text model's
-/// text tokens (those of the encoder this block reads).
+/// text tokens (those of the encoder this block reads), and a video model's frames.
 #[derive(Clone, Copy)]
 pub struct Condition<'a> {
     pub c: &'a Tensor,
     pub tokens: &'a Tensor,
     pub text: Option<TextTokens<'a>>,
+    pub frames: Option<Frames<'a>>,
+}
+
+/// How the rows of a video model's batch form clips: `count` consecutive rows (frames) per clip,
+/// their position features (count, D), and per clip whether its frames see each other (`motion`,
+/// (clips,) of 1 or 0; 0 is motion-free guidance's identity temporal mask; None: all see).
+#[derive(Clone, Copy)]
+pub struct Frames<'a> {
+    pub count: usize,
+    pub positions: &'a Tensor,
+    pub motion: Option<&'a Tensor>,
 }
 
 /// A text encoder's output for a batch: tokens (N, S, C) and the mask of real (1) and padding (0)
@@ -167,6 +178,52 @@ pub struct TextTokens<'a> {
 struct TextCrossAttention {
     norm: AffineLayerNorm,
     attn: CrossAttention,
+}
+
+/// GenTron's temporal self-attention: x + proj(attn over the frames of each spatial position).
+/// Its input is LN(x) plus the frame positions, its output projection starts at zero: a new video
+/// block is its image self, and the positions reach nothing else.
+#[derive(Debug, Clone)]
+struct TemporalAttention {
+    norm: AffineLayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+}
+
+impl TemporalAttention {
+    /// x: (clips * frames, L, D).
+    fn forward(&self, x: &Tensor, frames: Frames) -> Result<Tensor> {
+        let (rows, l, d) = x.dims3()?;
+        let (t, clips) = (frames.count, rows / frames.count);
+        // (clips, T, L, D) -> (clips * L, T, D): one sequence over the frames per position.
+        let h = self
+            .norm
+            .forward(x)?
+            .reshape((clips, t, l, d))?
+            .transpose(1, 2)?
+            .reshape((clips * l, t, d))?
+            .broadcast_add(&frames.positions.to_dtype(x.dtype())?)?;
+        let qkv = self.qkv.forward(&h)?;
+        let mut out = crate::ops::self_attention(&qkv, self.num_heads)?;
+        if let Some(motion) = frames.motion {
+            // A frame that attends only to itself gets its own value: the identity mask.
+            let own = qkv.narrow(2, 2 * d, d)?;
+            let m = motion
+                .to_dtype(x.dtype())?
+                .reshape((clips, 1, 1, 1))?
+                .broadcast_as((clips, l, 1, 1))?
+                .reshape((clips * l, 1, 1))?;
+            out = (&own + (out - &own)?.broadcast_mul(&m)?)?;
+        }
+        let out = self
+            .proj
+            .forward(&out)?
+            .reshape((clips, l, t, d))?
+            .transpose(1, 2)?
+            .reshape((rows, l, d))?;
+        x + out
+    }
 }
 
 /// The design-specific part of a block.
@@ -193,16 +250,19 @@ pub struct DiTBlock {
     mlp: Mlp,
     cond: Conditioning,
     text: Option<Box<TextCrossAttention>>,
+    temporal: Option<Box<TemporalAttention>>,
 }
 
 impl DiTBlock {
-    /// `text_dim`: the text tokens' width in a text-conditioned (GenTron) model.
+    /// `text_dim`: the text tokens' width in a text-conditioned (GenTron) model; `video`: a
+    /// temporal self-attention layer too.
     pub fn new(
         design: BlockDesign,
         hidden: usize,
         num_heads: usize,
         mlp_hidden: usize,
         text_dim: Option<usize>,
+        video: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
         let norm = |name: &str| AffineLayerNorm::new(hidden, vb.pp(name));
@@ -235,12 +295,31 @@ impl DiTBlock {
             })),
             None => None,
         };
+        let temporal = match video {
+            true => Some(Box::new(TemporalAttention {
+                norm: norm("norm_temporal")?,
+                qkv: linear(hidden, 3 * hidden, vb.pp("temporal_attn.qkv"))?,
+                proj: linear(hidden, hidden, vb.pp("temporal_attn.proj"))?,
+                num_heads,
+            })),
+            false => None,
+        };
         Ok(Self {
             attn: Attention::new(hidden, num_heads, vb.pp("attn"))?,
             mlp: Mlp::new(hidden, mlp_hidden, vb.pp("mlp"))?,
             cond,
             text,
+            temporal,
         })
+    }
+
+    /// GenTron's video step: x + temporal_attn(LN(x) + frame positions), or x for an image model.
+    fn attend_across_frames(&self, x: Tensor, cond: &Condition) -> Result<Tensor> {
+        match (&self.temporal, cond.frames) {
+            (Some(t), Some(frames)) => t.forward(&x, frames),
+            (Some(_), None) => candle_core::bail!("a video block needs its clips' frame count"),
+            (None, _) => Ok(x),
+        }
     }
 
     /// GenTron's text step: x + cross_attn(LN(x), text tokens), or x for an image model.
@@ -271,6 +350,7 @@ impl DiTBlock {
                     .attn
                     .forward(&norm_modulate(x, shift_msa, scale_msa)?)?;
                 let x = self.attend_to_text(gated_residual(x, gate_msa, &h)?, cond)?;
+                let x = self.attend_across_frames(x, cond)?;
                 let h = self
                     .mlp
                     .forward(&norm_modulate(&x, shift_mlp, scale_mlp)?)?;

@@ -4,8 +4,10 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::block::{Condition, DiTBlock, FinalLayer, TextTokens};
-use super::embed::{sincos_2d, LabelEmbedder, PatchEmbed, PooledTextEmbedder, TimestepEmbedder};
+use super::block::{Condition, DiTBlock, FinalLayer, Frames, TextTokens};
+use super::embed::{
+    sincos_2d, sincos_table, LabelEmbedder, PatchEmbed, PooledTextEmbedder, TimestepEmbedder,
+};
 use crate::config::BlockDesign;
 use crate::config::DiTConfig;
 
@@ -174,6 +176,7 @@ impl DiT {
                     c.num_heads,
                     c.mlp_hidden(),
                     c.text.map(|t| t.context_dim_of(i)),
+                    c.video.is_some(),
                     vb.pp(format!("blocks.{i}")),
                 )
             })
@@ -216,7 +219,7 @@ impl DiT {
         let Some(y_embedder) = &self.y_embedder else {
             candle_core::bail!("a text-conditioned model takes text: use forward_text");
         };
-        self.forward_conditioned(x, t, &y_embedder.forward(y)?, &[])
+        self.forward_conditioned(x, t, &y_embedder.forward(y)?, &[], None)
     }
 
     /// A text-conditioned (GenTron) model: `texts` holds each text encoder's tokens (N, S, C)
@@ -229,6 +232,19 @@ impl DiT {
         t: &Tensor,
         texts: &[TextTokens],
         pooled: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_text_motion(x, t, texts, pooled, None)
+    }
+
+    /// [`Self::forward_text`] for a video model with, per clip, whether its frames see each
+    /// other (`motion` (N,) of 1 or 0: 0 is motion-free guidance's identity temporal mask).
+    pub fn forward_text_motion(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        texts: &[TextTokens],
+        pooled: &Tensor,
+        motion: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (Some(pooled_embedder), Some(tc)) = (&self.pooled_embedder, self.config.text) else {
             candle_core::bail!("a class-conditional model takes labels: use forward");
@@ -252,30 +268,71 @@ impl DiT {
                 mask: t.mask,
             })
             .collect();
-        self.forward_conditioned(x, t, &pooled_embedder.forward(pooled)?, &texts)
+        self.forward_conditioned(x, t, &pooled_embedder.forward(pooled)?, &texts, motion)
     }
 
     /// The network given the condition's embedding `y_emb` (label or pooled text), added to the
-    /// timestep embedding, and a text model's token sets (which the blocks take in turn).
+    /// timestep embedding, and a text model's token sets (which the blocks take in turn). A
+    /// video model runs its clips (N, C, T, H, W) as N*T frames, conditions repeated per frame.
     fn forward_conditioned(
         &self,
         x: &Tensor,
         t: &Tensor,
         y_emb: &Tensor,
         texts: &[TextTokens],
+        motion: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if (x.rank() == 5) != self.config.video.is_some() {
+            candle_core::bail!(
+                "input of shape {:?}: a video model takes clips (N, C, T, H, W), an image model images (N, C, H, W)",
+                x.dims()
+            );
+        }
+        let (x, frames) = match *x.dims() {
+            [n, c, f, h, w] => (x.permute((0, 2, 1, 3, 4))?.reshape((n * f, c, h, w))?, f),
+            _ => (x.clone(), 1),
+        };
         let (_, _, h, w) = x.dims4()?;
         let x = self
             .x_embedder
             .forward(&x.to_dtype(self.dtype())?)?
             .broadcast_add(&self.pos_embed)?;
-        let t_emb = self.t_embedder.forward(t)?;
-        let c = (&t_emb + y_emb)?;
-        let tokens = Tensor::stack(&[&t_emb, y_emb], 1)?; // (N, 2, D)
+        let t_emb = per_frame(&self.t_embedder.forward(t)?, frames)?;
+        let y_emb = per_frame(y_emb, frames)?;
+        let c = (&t_emb + &y_emb)?;
+        let tokens = Tensor::stack(&[&t_emb, &y_emb], 1)?; // (N, 2, D)
+        let text_rows: Vec<(Tensor, Option<Tensor>)> = texts
+            .iter()
+            .map(|t| {
+                let mask = t.mask.map(|m| per_frame(m, frames)).transpose()?;
+                Ok((per_frame(t.tokens, frames)?, mask))
+            })
+            .collect::<Result<_>>()?;
+        let texts: Vec<TextTokens> = text_rows
+            .iter()
+            .map(|(tokens, mask)| TextTokens {
+                tokens,
+                mask: mask.as_ref(),
+            })
+            .collect();
+        let positions = match self.config.video {
+            Some(_) => Some(sincos_table(
+                self.config.hidden_size,
+                frames,
+                x.device(),
+                self.dtype(),
+            )?),
+            None => None,
+        };
         let cond = Condition {
             c: &c,
             tokens: &tokens,
             text: None,
+            frames: positions.as_ref().map(|positions| Frames {
+                count: frames,
+                positions,
+                motion,
+            }),
         };
         let in_context = self.config.block == BlockDesign::InContext;
         let mut x = match in_context {
@@ -291,7 +348,17 @@ impl DiT {
             x = x.narrow(1, extra, x.dim(1)? - extra)?;
         }
         let x = self.final_layer.forward(&x, &c)?;
-        self.unpatchify(&x, h / self.config.patch_size, w / self.config.patch_size)
+        let out = self.unpatchify(&x, h / self.config.patch_size, w / self.config.patch_size)?;
+        match self.config.video {
+            // (N*T, C, H, W) -> (N, C, T, H, W)
+            Some(_) => {
+                let (nt, c, h, w) = out.dims4()?;
+                out.reshape((nt / frames, frames, c, h, w))?
+                    .permute((0, 2, 1, 3, 4))?
+                    .contiguous()
+            }
+            None => Ok(out),
+        }
     }
 
     /// Classifier-free guidance in one batched forward pass: the conditional and null-class
@@ -347,15 +414,66 @@ impl DiT {
     fn mix_guidance(&self, out: &Tensor, scale: f64, channels: GuidedChannels) -> Result<Tensor> {
         let n = out.dim(0)? / 2;
         let (cond, uncond) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
-        let c = self.config.in_channels;
-        let guided = match channels {
-            GuidedChannels::Reference => c.min(3),
-            GuidedChannels::All => c,
-        };
+        let guided = self.guided_channels(channels);
         let (ce, ue) = (cond.narrow(1, 0, guided)?, uncond.narrow(1, 0, guided)?);
         let eps = (&ue + ((&ce - &ue)? * scale)?)?;
         let rest = cond.narrow(1, guided, cond.dim(1)? - guided)?;
         Tensor::cat(&[eps, rest], 1)
+    }
+
+    /// Motion-free guidance for a video model (GenTron §3.3.2): in one batched pass, the
+    /// prompts with motion, the empty prompt with motion and the empty prompt without (frames
+    /// attending only to themselves), mixed as
+    /// e(0,0) + text_scale (e(T,M) - e(0,M)) + motion_scale (e(0,M) - e(0,0)) on the guided eps
+    /// channels; the other channels from e(T,M).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_video_with_mfg(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        text: &TextBatch,
+        empty: &TextBatch,
+        text_scale: f64,
+        motion_scale: f64,
+        channels: GuidedChannels,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let three = text.try_zip(empty, |a, e| {
+            let mut shape = e.dims().to_vec();
+            shape[0] = n;
+            let e = e.to_dtype(a.dtype())?.broadcast_as(shape)?;
+            Tensor::cat(&[a, &e, &e], 0)
+        })?;
+        let mut motion = vec![1f32; 2 * n];
+        motion.resize(3 * n, 0.0);
+        let motion = Tensor::from_vec(motion, 3 * n, x.device())?;
+        let out = self.forward_text_motion(
+            &Tensor::cat(&[x, x, x], 0)?,
+            &Tensor::cat(&[t, t, t], 0)?,
+            &three.token_sets(),
+            &three.pooled,
+            Some(&motion),
+        )?;
+        let (tm, zm, zz) = (
+            out.narrow(0, 0, n)?,
+            out.narrow(0, n, n)?,
+            out.narrow(0, 2 * n, n)?,
+        );
+        let guided = self.guided_channels(channels);
+        let e = |o: &Tensor| o.narrow(1, 0, guided);
+        let eps = ((e(&zz)? + ((e(&tm)? - e(&zm)?)? * text_scale)?)?
+            + ((e(&zm)? - e(&zz)?)? * motion_scale)?)?;
+        let rest = tm.narrow(1, guided, tm.dim(1)? - guided)?;
+        Tensor::cat(&[eps, rest], 1)
+    }
+
+    /// How many eps channels guidance mixes.
+    fn guided_channels(&self, channels: GuidedChannels) -> usize {
+        let c = self.config.in_channels;
+        match channels {
+            GuidedChannels::Reference => c.min(3),
+            GuidedChannels::All => c,
+        }
     }
 
     /// (N, h*w, p*p*C) tokens -> (N, C, h*p, w*p) image.
@@ -366,4 +484,19 @@ impl DiT {
             .permute((0, 5, 1, 3, 2, 4))?
             .reshape((n, c, h * p, w * p))
     }
+}
+
+/// Rows (N, ...) repeated for each of `frames` consecutive frames: (N * frames, ...).
+fn per_frame(x: &Tensor, frames: usize) -> Result<Tensor> {
+    if frames == 1 {
+        return Ok(x.clone());
+    }
+    let mut shape = x.dims().to_vec();
+    shape.insert(1, frames);
+    let mut flat = x.dims().to_vec();
+    flat[0] *= frames;
+    x.unsqueeze(1)?
+        .broadcast_as(shape)?
+        .contiguous()?
+        .reshape(flat)
 }

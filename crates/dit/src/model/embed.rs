@@ -166,6 +166,17 @@ fn sincos_1d(dim: usize, positions: &[f64]) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// Fixed 1-D sin-cos table (n, dim) of positions 0..n (a video model's frame positions).
+pub fn sincos_table(dim: usize, n: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+    let positions: Vec<f64> = (0..n).map(|i| i as f64).collect();
+    let table: Vec<f32> = sincos_1d(dim, &positions)
+        .into_iter()
+        .flatten()
+        .map(|v| v as f32)
+        .collect();
+    Tensor::from_vec(table, (n, dim), device)?.to_dtype(dtype)
+}
+
 /// Fixed 2-D sin-cos position table (1, h*w, dim) for a grid of `h` rows and `w` columns,
 /// row-major: the first half of the channels encodes the column, the second half the row
 /// (the MAE convention the reference checkpoints were trained with).

@@ -1,0 +1,225 @@
+//! GenTron's text-to-video model (arXiv 2312.04557, §3.3): temporal self-attention after the
+//! cross-attention, against the torch implementation of tools/make_fixtures.py; a video model
+//! made from an image model is that image model frame by frame; the identity temporal mask makes
+//! frames independent; motion-free guidance mixes three predictions as the paper's formula says.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use dit::checkpoint::{self, Tensors};
+use dit::config::VideoConfig;
+use dit::model::{GuidedChannels, TextBatch, TextTokens};
+use dit::rng::NoiseRng;
+
+fn dev() -> Device {
+    Device::Cpu
+}
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let n = b.sqr().unwrap().sum_all().unwrap();
+    (d.to_scalar::<f32>().unwrap() as f64 / n.to_scalar::<f32>().unwrap() as f64).sqrt()
+}
+
+/// The video fixture's weights, its config (frames 3, heads 2) and its inputs by name.
+fn video_fixture() -> (Tensors, dit::DiTConfig, HashMap<String, Tensor>) {
+    let f = candle_core::safetensors::load(common::fixture("gentron_video.safetensors"), &dev())
+        .unwrap();
+    let weights: Tensors = f
+        .iter()
+        .filter(|(k, _)| !k.starts_with("in."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let inputs = f
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("in.")?.to_string(), v.clone())))
+        .collect();
+    let mut cfg = checkpoint::infer_config(&weights, None).unwrap();
+    assert!(cfg.video.is_some(), "temporal layers recognised");
+    cfg.video = Some(VideoConfig { frames: 3 });
+    cfg.num_heads = 2;
+    (weights, cfg, inputs)
+}
+
+#[test]
+fn temporal_attention_matches_torch_with_and_without_motion() {
+    let (weights, cfg, inp) = video_fixture();
+    let model = checkpoint::build_model(&cfg, weights, DType::F32, &dev()).unwrap();
+    let tokens = TextTokens {
+        tokens: &inp["text"],
+        mask: Some(&inp["mask"]),
+    };
+    let out = model
+        .forward_text_motion(
+            &inp["x"],
+            &inp["t"],
+            &[tokens],
+            &inp["pooled"],
+            Some(&inp["motion"]),
+        )
+        .unwrap();
+    assert_eq!(out.dims(), [2, 8, 3, 4, 4]);
+    let e = rel_l2(&out, &inp["out"]);
+    assert!(e < 1e-5, "video forward rel L2 {e}");
+    // The first clip has motion: its frames see each other, so changing its last frame changes
+    // its first frame's output. The second is motion-free: its frames are independent.
+    let x = &inp["x"];
+    let bumped = {
+        let mut frames: Vec<Tensor> = (0..3).map(|f| x.narrow(2, f, 1).unwrap()).collect();
+        frames[2] = (&frames[2] + 1.0).unwrap();
+        Tensor::cat(&frames, 2).unwrap()
+    };
+    let out2 = model
+        .forward_text_motion(
+            &bumped,
+            &inp["t"],
+            &[tokens],
+            &inp["pooled"],
+            Some(&inp["motion"]),
+        )
+        .unwrap();
+    let first_frame = |o: &Tensor, clip: usize| o.get(clip).unwrap().narrow(1, 0, 1).unwrap();
+    assert!(rel_l2(&first_frame(&out2, 0), &first_frame(&out, 0)) > 1e-4);
+    assert!(rel_l2(&first_frame(&out2, 1), &first_frame(&out, 1)) < 1e-6);
+    // An image-shaped input to a video model is a clear error.
+    let err = model
+        .forward_text(
+            &x.narrow(2, 0, 1).unwrap().squeeze(2).unwrap(),
+            &inp["t"],
+            &[tokens],
+            &inp["pooled"],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("(N, C, T, H, W)"), "{err}");
+}
+
+/// A video model made from an image model (temporal layers freshly initialised: output
+/// projection zero) gives, frame by frame, exactly the image model's output.
+#[test]
+fn a_video_model_from_an_image_model_is_that_model_frame_by_frame() {
+    let (weights, video_cfg, inp) = video_fixture();
+    let image_weights: Tensors = weights
+        .iter()
+        .filter(|(k, _)| !k.contains("temporal"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let image_cfg = dit::DiTConfig {
+        video: None,
+        ..video_cfg.clone()
+    };
+    let image =
+        checkpoint::build_model(&image_cfg, image_weights.clone(), DType::F32, &dev()).unwrap();
+    let init =
+        dit::train::video_from_image(&image_weights, &video_cfg, &mut NoiseRng::new(3)).unwrap();
+    assert!(
+        init["blocks.1.temporal_attn.qkv.weight"]
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+    let video = checkpoint::build_model(&video_cfg, init, DType::F32, &dev()).unwrap();
+    let (x, t) = (&inp["x"], &inp["t"]);
+    let tokens = TextTokens {
+        tokens: &inp["text"],
+        mask: Some(&inp["mask"]),
+    };
+    let clip_out = video.forward_text(x, t, &[tokens], &inp["pooled"]).unwrap();
+    // The same frames as a batch of images, each with its clip's timestep and prompt.
+    let frames = x
+        .permute((0, 2, 1, 3, 4))
+        .unwrap()
+        .reshape((6, 4, 4, 4))
+        .unwrap();
+    let rep = |v: &Tensor| {
+        let idx = Tensor::new(&[0u32, 0, 0, 1, 1, 1], &dev()).unwrap();
+        v.index_select(&idx, 0).unwrap()
+    };
+    let (text, mask) = (rep(&inp["text"]), rep(&inp["mask"]));
+    let image_tokens = TextTokens {
+        tokens: &text,
+        mask: Some(&mask),
+    };
+    let image_out = image
+        .forward_text(&frames, &rep(t), &[image_tokens], &rep(&inp["pooled"]))
+        .unwrap()
+        .reshape((2, 3, 8, 4, 4))
+        .unwrap()
+        .permute((0, 2, 1, 3, 4))
+        .unwrap();
+    let d = common::max_abs_diff(&clip_out, &image_out);
+    assert!(d < 1e-5, "video at init vs image frame by frame: {d}");
+    // A weight the image model lacks (other than the temporal layers) is an error naming it.
+    let mut missing = image_weights.clone();
+    missing.remove("blocks.0.mlp.fc1.weight");
+    let err = dit::train::video_from_image(&missing, &video_cfg, &mut NoiseRng::new(3))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("blocks.0.mlp.fc1.weight"), "{err}");
+}
+
+/// Motion-free guidance in one batched pass equals the paper's combination of three separate
+/// passes: e(0,0) + lt (e(T,M) - e(0,M)) + lm (e(0,M) - e(0,0)).
+#[test]
+fn motion_free_guidance_combines_three_predictions() {
+    let (weights, cfg, inp) = video_fixture();
+    let model = checkpoint::build_model(&cfg, weights, DType::F32, &dev()).unwrap();
+    let text = TextBatch {
+        tokens: inp["text"].clone(),
+        mask: inp["mask"].clone(),
+        pooled: inp["pooled"].clone(),
+        second: None,
+    };
+    let mut m = vec![0f32; 5];
+    m[0] = 1.0;
+    let empty = TextBatch {
+        tokens: Tensor::randn(0f32, 1.0, (1, 5, 24), &dev()).unwrap(),
+        mask: Tensor::from_vec(m, (1, 5), &dev()).unwrap(),
+        pooled: Tensor::randn(0f32, 1.0, (1, 16), &dev()).unwrap(),
+        second: None,
+    };
+    let (x, t) = (&inp["x"], &inp["t"]);
+    let (lt, lm) = (7.5, 1.2);
+    let guided = model
+        .forward_video_with_mfg(x, t, &text, &empty, lt, lm, GuidedChannels::All)
+        .unwrap();
+    let pass = |b: &TextBatch, motion: f32| {
+        let two = |v: &Tensor| Tensor::cat(&[v, v], 0).unwrap();
+        let (tokens, mask, pooled) = match b.tokens.dim(0).unwrap() {
+            1 => (two(&b.tokens), two(&b.mask), two(&b.pooled)),
+            _ => (b.tokens.clone(), b.mask.clone(), b.pooled.clone()),
+        };
+        let m = Tensor::new(&[motion, motion], &dev()).unwrap();
+        let set = TextTokens {
+            tokens: &tokens,
+            mask: Some(&mask),
+        };
+        model
+            .forward_text_motion(x, t, &[set], &pooled, Some(&m))
+            .unwrap()
+    };
+    let (tm, zm, zz) = (pass(&text, 1.0), pass(&empty, 1.0), pass(&empty, 0.0));
+    let eps = |o: &Tensor| o.narrow(1, 0, 4).unwrap();
+    let want = ((eps(&zz) + ((eps(&tm) - eps(&zm)).unwrap() * lt).unwrap()).unwrap()
+        + ((eps(&zm) - eps(&zz)).unwrap() * lm).unwrap())
+    .unwrap();
+    let e = rel_l2(&guided.narrow(1, 0, 4).unwrap(), &want);
+    assert!(
+        e < 1e-5,
+        "batched motion-free guidance vs three passes: {e}"
+    );
+    // The learned-variance channels come from the text-and-motion prediction.
+    let e = rel_l2(
+        &guided.narrow(1, 4, 4).unwrap(),
+        &tm.narrow(1, 4, 4).unwrap(),
+    );
+    assert!(e < 1e-5, "{e}");
+    // The three predictions differ, so the test can tell them apart.
+    assert!(rel_l2(&zm, &zz) > 1e-4 && rel_l2(&tm, &zm) > 1e-4);
+}
