@@ -121,6 +121,7 @@ impl SamplingArgs {
                 CfgChannels::All => GuidedChannels::All,
             },
             clip_denoised: self.clip_x0.unwrap_or(cfg.in_channels != 4),
+            motion_scale: None,
         })
     }
 }

@@ -18,6 +18,9 @@ pub struct SampleOptions {
     pub cfg_channels: GuidedChannels,
     /// Clamp predicted x_0 to [-1, 1] at each step (pixel-space models; DiT's latents: off).
     pub clip_denoised: bool,
+    /// Video text models: motion-free guidance with this motion scale (GenTron: 1.0 to 1.3),
+    /// `cfg_scale` then being the text scale; None: plain text guidance.
+    pub motion_scale: Option<f64>,
 }
 
 impl Default for SampleOptions {
@@ -28,6 +31,7 @@ impl Default for SampleOptions {
             cfg_scale: 4.0,
             cfg_channels: GuidedChannels::Reference,
             clip_denoised: false,
+            motion_scale: None,
         }
     }
 }
@@ -44,13 +48,27 @@ pub fn check_labels(model: &DiT, labels: &[usize]) -> Result<()> {
     }
 }
 
-/// Checks a starting noise array against the model's latent shape for `n` samples.
+/// Checks a starting noise array against the model's latent shape for `n` samples (clips of
+/// any frame count for a video model).
 pub fn check_noise(model: &DiT, noise: &Tensor, n: usize) -> Result<()> {
     let c = &model.config;
-    let want = [n, c.in_channels, c.input_size, c.input_size];
+    let (want, layout) = match (c.video, noise.dims()) {
+        (Some(_), &[_, _, f, _, _]) if f > 0 => (
+            vec![n, c.in_channels, f, c.input_size, c.input_size],
+            "(N, C, T, H, W)",
+        ),
+        (Some(v), _) => (
+            vec![n, c.in_channels, v.frames, c.input_size, c.input_size],
+            "(N, C, T, H, W)",
+        ),
+        (None, _) => (
+            vec![n, c.in_channels, c.input_size, c.input_size],
+            "(N, C, H, W)",
+        ),
+    };
     if noise.dims() != want {
         return Err(Error::Input(format!(
-            "noise has shape {:?} but {n} samples of this model need {want:?} (N, C, H, W)",
+            "noise has shape {:?} but {n} samples of this model need {want:?} {layout}",
             noise.dims()
         )));
     }
@@ -128,7 +146,10 @@ pub fn sample_latents_text(
         GaussianDiffusion::for_model(c.schedule, c.prediction, &opts.steps.to_string())?;
     diffusion.clip_denoised = opts.clip_denoised;
     let guided = |x: &Tensor, t: &Tensor| -> candle_core::Result<Tensor> {
-        let out = if opts.cfg_scale > 1.0 {
+        let out = if let (Some(motion), Some(_)) = (opts.motion_scale, c.video) {
+            let (lt, ch) = (opts.cfg_scale, opts.cfg_channels);
+            model.forward_video_with_mfg(x, t, text, empty, lt, motion, ch)?
+        } else if opts.cfg_scale > 1.0 {
             model.forward_text_with_cfg(x, t, text, empty, opts.cfg_scale, opts.cfg_channels)?
         } else {
             model.forward_text(x, t, &text.token_sets(), &text.pooled)?

@@ -118,6 +118,10 @@ pub struct TrainConfig {
     pub ema_decay: f64,
     /// Probability of replacing a label by the null class (classifier-free guidance).
     pub class_dropout: f64,
+    /// Video models: probability that a clip trains motion-free (its frames attend only to
+    /// themselves), GenTron's motion-free guidance; with an image repeated over the frames, this
+    /// is joint image-video training.
+    pub motion_free: f64,
     /// Steps of linear learning-rate warm-up (0: none, as the paper).
     pub warmup_steps: usize,
     /// The regression loss on the prediction (the paper: MSE).
@@ -137,6 +141,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             ema_decay: 0.9999,
             class_dropout: 0.1,
+            motion_free: 0.1,
             warmup_steps: 0,
             loss: Default::default(),
             compute_dtype: DType::F32,
@@ -224,17 +229,21 @@ pub enum Conditions<'a> {
     Text(&'a TextBatch),
 }
 
-/// Conditions after dropout, as the model takes them.
+/// Conditions after dropout, as the model takes them; a video model's motion flags (1: frames
+/// see each other, 0: motion-free).
 enum ModelInput {
     Labels(Vec<u32>),
-    Text(TextBatch),
+    Text(TextBatch, Option<Vec<f32>>),
 }
 
 impl ModelInput {
     fn narrow(&self, start: usize, len: usize) -> Result<Self> {
         Ok(match self {
             Self::Labels(y) => Self::Labels(y[start..start + len].to_vec()),
-            Self::Text(t) => Self::Text(t.narrow(start, len)?),
+            Self::Text(t, m) => Self::Text(
+                t.narrow(start, len)?,
+                m.as_ref().map(|m| m[start..start + len].to_vec()),
+            ),
         })
     }
 }
@@ -366,6 +375,12 @@ impl Trainer {
         let dropped: Vec<bool> = (0..global)
             .map(|_| self.rng.uniform() < self.cfg.class_dropout)
             .collect();
+        // (Drawn for video models only: image runs keep their random stream.)
+        let motion: Option<Vec<f32>> = self.model.config.video.map(|_| {
+            (0..global)
+                .map(|_| f32::from(u8::from(self.rng.uniform() >= self.cfg.motion_free)))
+                .collect()
+        });
         let mut global_shape = x0.dims().to_vec();
         global_shape[0] = global;
         let noise_all = self.rng.randn_like(&Tensor::zeros(
@@ -389,7 +404,8 @@ impl Trainer {
                             .into(),
                     )
                 })?;
-                ModelInput::Text(text.with_dropped(drop, empty)?)
+                let motion = motion.map(|m| m[rows.clone()].to_vec());
+                ModelInput::Text(text.with_dropped(drop, empty)?, motion)
             }
         };
         let noise = noise_all.narrow(0, rows.start, rows.len())?;
@@ -466,7 +482,7 @@ impl Trainer {
         noise: &Tensor,
         text: &TextBatch,
     ) -> Result<Tensor> {
-        self.loss_with(x0, t, noise, &ModelInput::Text(text.clone()))
+        self.loss_with(x0, t, noise, &ModelInput::Text(text.clone(), None))
     }
 
     fn loss_with(
@@ -484,8 +500,19 @@ impl Trainer {
                 ModelInput::Labels(y) => {
                     model.forward(x_t, &timesteps, &Tensor::new(y.as_slice(), x0.device())?)?
                 }
-                ModelInput::Text(text) => {
-                    model.forward_text(x_t, &timesteps, &text.token_sets(), &text.pooled)?
+                ModelInput::Text(text, motion) => {
+                    let motion = match motion {
+                        Some(m) => Some(Tensor::new(m.as_slice(), x0.device())?),
+                        None => None,
+                    };
+                    let sets = text.token_sets();
+                    model.forward_text_motion(
+                        x_t,
+                        &timesteps,
+                        &sets,
+                        &text.pooled,
+                        motion.as_ref(),
+                    )?
                 }
             })
         };

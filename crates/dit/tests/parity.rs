@@ -98,6 +98,7 @@ fn check_model(name: &str, heads: usize, steps: usize) {
             cfg_scale: scale,
             cfg_channels: GuidedChannels::Reference,
             clip_denoised: false,
+            motion_scale: None,
         };
         let x = sample_latents(
             &model,
@@ -148,6 +149,7 @@ fn bf16_forward_and_sampling_stay_close_to_f32() {
         cfg_scale: 4.0,
         cfg_channels: GuidedChannels::Reference,
         clip_denoised: false,
+        motion_scale: None,
     };
     let x = sample_latents(
         &model,
