@@ -11,6 +11,7 @@ use crate::{Error, Result};
 pub mod captions;
 pub mod folder;
 pub mod latents;
+pub mod moving_shapes;
 pub mod shapes;
 pub mod text_cache;
 

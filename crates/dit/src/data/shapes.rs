@@ -84,26 +84,39 @@ impl Scene {
         let cx = s * (0.25 + 0.5 * qx as f32) + rng.random_range(-jitter..jitter);
         let cy = s * (0.25 + 0.5 * qy as f32) + rng.random_range(-jitter..jitter);
         let (fg, bg) = (COLOURS[self.colour].1, BACKGROUNDS[self.background].1);
-        let mut img = Vec::with_capacity(size * size * 3);
-        for y in 0..size {
-            for x in 0..size {
-                // Pixel centres.
-                let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
-                let inside = match self.shape {
-                    0 => dx * dx + dy * dy <= radius * radius,
-                    1 => dx.abs() <= radius * 0.85 && dy.abs() <= radius * 0.85,
-                    // Upward triangle: apex at the top, base at the bottom.
-                    _ => {
-                        let h = 2.0 * radius;
-                        let t = (dy + radius) / h; // 0 at the apex, 1 at the base
-                        (0.0..=1.0).contains(&t) && dx.abs() <= t * radius
-                    }
-                };
-                img.extend_from_slice(if inside { &fg } else { &bg });
-            }
-        }
-        img
+        draw(size, self.shape, (cx, cy), radius, fg, bg)
     }
+}
+
+/// A `size` x `size` RGB image (row-major) of `bg` with shape `shape` (an index into [`SHAPES`])
+/// of `radius` centred at `centre` in `fg`.
+pub(crate) fn draw(
+    size: usize,
+    shape: usize,
+    (cx, cy): (f32, f32),
+    radius: f32,
+    fg: [u8; 3],
+    bg: [u8; 3],
+) -> Vec<u8> {
+    let mut img = Vec::with_capacity(size * size * 3);
+    for y in 0..size {
+        for x in 0..size {
+            // Pixel centres.
+            let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+            let inside = match shape {
+                0 => dx * dx + dy * dy <= radius * radius,
+                1 => dx.abs() <= radius * 0.85 && dy.abs() <= radius * 0.85,
+                // Upward triangle: apex at the top, base at the bottom.
+                _ => {
+                    let h = 2.0 * radius;
+                    let t = (dy + radius) / h; // 0 at the apex, 1 at the base
+                    (0.0..=1.0).contains(&t) && dx.abs() <= t * radius
+                }
+            };
+            img.extend_from_slice(if inside { &fg } else { &bg });
+        }
+    }
+    img
 }
 
 fn nearest(palette: &[(&str, [u8; 3])], c: [f32; 3]) -> usize {
@@ -116,9 +129,30 @@ fn nearest(palette: &[(&str, [u8; 3])], c: [f32; 3]) -> usize {
 /// Reads a scene back from an RGB image (row-major, `size` x `size`): the background is the
 /// border's colour, the shape the pixels that differ from it; its colour is the nearest palette
 /// colour to their mean, its position the quadrant of their centroid, and its kind the share of
-/// its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5). `None` when no shape is
+/// its bounding box it fills (square 1, circle ~0.79 and at most 0.91 at small sizes, triangle ~0.5). `None` when no shape is
 /// visible.
 pub fn analyse(img: &[u8], size: usize) -> Option<Scene> {
+    let found = find(img, size)?;
+    let half = size as f32 / 2.0;
+    let (cx, cy) = found.centroid;
+    Some(Scene {
+        colour: found.colour,
+        shape: found.shape,
+        position: usize::from(cx >= half) + 2 * usize::from(cy >= half),
+        background: found.background,
+    })
+}
+
+/// A shape read from an image: palette indices and the centroid of its pixels.
+pub(crate) struct Found {
+    pub colour: usize,
+    pub shape: usize,
+    pub background: usize,
+    pub centroid: (f32, f32),
+}
+
+/// What [`analyse`] reads, with the centroid instead of the quadrant.
+pub(crate) fn find(img: &[u8], size: usize) -> Option<Found> {
     let px = |x: usize, y: usize| -> [f32; 3] {
         let i = (y * size + x) * 3;
         [img[i] as f32, img[i + 1] as f32, img[i + 2] as f32]
@@ -156,21 +190,19 @@ pub fn analyse(img: &[u8], size: usize) -> Option<Scene> {
     }
     let k = count as f32;
     let colour = nearest(&COLOURS, sum.map(|v| v / k));
-    let half = size as f32 / 2.0;
-    let position = usize::from(sx / k >= half) + 2 * usize::from(sy / k >= half);
     let fill = k / ((x1 - x0 + 1) * (y1 - y0 + 1)) as f32;
-    let shape = if fill > 0.9 {
+    let shape = if fill > 0.92 {
         1
     } else if fill > 0.65 {
         0
     } else {
         2
     };
-    Some(Scene {
+    Some(Found {
         colour,
         shape,
-        position,
         background,
+        centroid: (sx / k, sy / k),
     })
 }
 
