@@ -67,7 +67,11 @@ enum Command {
     EvalBuiltin(Box<eval_builtin::EvalBuiltinArgs>),
     /// Score a text model of the built-in shapes: how often colour, shape, position and
     /// background of its images match the caption, for held-out and seen captions.
-    EvalShapes(Box<eval_shapes::EvalShapesArgs>),
+    EvalShapes(Box<eval_shapes::EvalArgs>),
+    /// Score a text-to-video model of the built-in moving shapes: how often the direction of
+    /// travel (and colour, shape, background) match the caption, with and without motion-free
+    /// guidance.
+    EvalMotion(Box<eval_shapes::EvalArgs>),
     /// Train the classifier that `eval-builtin` uses, on the built-in digits.
     TrainClassifier(eval_builtin::TrainClassifierArgs),
     /// Forward-pass Gflops (multiply-accumulates, as the paper counts) and parameters.
@@ -137,7 +141,8 @@ fn run(command: Command, device: &candle_core::Device) -> anyhow::Result<()> {
         } => convert(&input, &output, half),
         Command::Bench(args) => bench::run(args, device),
         Command::Train(args) => train::run(*args, device),
-        Command::EvalShapes(args) => eval_shapes::run(*args, device),
+        Command::EvalShapes(args) => eval_shapes::run_shapes(*args, device),
+        Command::EvalMotion(args) => eval_shapes::run_motion(*args, device),
         Command::Eval(args) => eval::run(*args, device),
         Command::EvalBuiltin(args) => eval_builtin::run(*args, device),
         Command::TrainClassifier(args) => eval_builtin::train_classifier(args, device),

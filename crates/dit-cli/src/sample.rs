@@ -99,6 +99,10 @@ pub struct SamplingArgs {
     /// IDDPM samples images), off for latent models (as the DiT reference).
     #[arg(long)]
     clip_x0: Option<bool>,
+    /// Video text models: motion-free guidance with this motion scale (GenTron: 1.0 to 1.3),
+    /// --cfg-scale then being the text scale (GenTron: 7.5).
+    #[arg(long)]
+    motion_scale: Option<f64>,
 }
 
 impl SamplingArgs {
@@ -121,7 +125,12 @@ impl SamplingArgs {
                 CfgChannels::All => GuidedChannels::All,
             },
             clip_denoised: self.clip_x0.unwrap_or(cfg.in_channels != 4),
-            motion_scale: None,
+            motion_scale: match (self.motion_scale, cfg.video, cfg.text) {
+                (Some(_), None, _) | (Some(_), _, None) => {
+                    bail!("--motion-scale is for text-to-video models")
+                }
+                (m, ..) => m,
+            },
         })
     }
 }
@@ -167,6 +176,10 @@ pub struct SampleArgs {
     /// Skip the VAE (no images are written unless the model works in pixel space).
     #[arg(long)]
     no_decode: bool,
+    /// Video models: frames per clip (default: the model's). Clips are written as a PNG grid
+    /// (a row of frames per clip) and an animated GIF beside it (OUT with .gif).
+    #[arg(long)]
+    frames: Option<usize>,
 }
 
 impl ModelArgs {
@@ -296,7 +309,12 @@ fn run_text(
     let cfg = &model.config;
     let n = prompts.len();
     let mut rng = NoiseRng::new(a.seed);
-    let shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size);
+    let mut shape = vec![n, cfg.in_channels, cfg.input_size, cfg.input_size];
+    match (cfg.video, a.frames) {
+        (Some(v), frames) => shape.insert(2, frames.unwrap_or(v.frames).max(1)),
+        (None, Some(_)) => bail!("--frames is for video models; this one makes images"),
+        (None, None) => {}
+    }
     let noise = rng.randn_like(&Tensor::zeros(shape, DType::F32, device)?)?;
     let bar = ProgressBar::new(opts.steps as u64).with_style(ProgressStyle::with_template(
         "{msg} [{bar:40}] {pos}/{len} steps {elapsed_precise} eta {eta}",
@@ -325,6 +343,28 @@ fn write_outputs(
             .write_npy(p)
             .with_context(|| format!("cannot write {}", p.display()))?;
         println!("wrote latents {:?} to {}", latents.dims(), p.display());
+    }
+    if cfg.video.is_some() {
+        let Some(clips) = to_images(latents, vae, dtype, cfg)? else {
+            return Ok(());
+        };
+        let gif = a.out.with_extension("gif");
+        dit::image_io::save_clips(&clips, &a.out, &gif)?;
+        println!(
+            "wrote {} and {} ({n} clips)",
+            a.out.display(),
+            gif.display()
+        );
+        if let Some(dir) = &a.out_dir {
+            for (i, clip) in dit::image_io::clip_frames(&clips)?.iter().enumerate() {
+                dit::image_io::save_gif(clip, 125, &dir.join(format!("{i:06}.gif")))?;
+                for (f, frame) in clip.iter().enumerate() {
+                    dit::image_io::save_png(frame, &dir.join(format!("{i:06}/{f:03}.png")))?;
+                }
+            }
+            println!("wrote {n} clips (GIF and frames) to {}", dir.display());
+        }
+        return Ok(());
     }
     let Some(images) = to_images(latents, vae, dtype, cfg)? else {
         return Ok(());
@@ -389,6 +429,20 @@ pub fn to_images(
     let Some(vae) = vae else {
         return Ok(None);
     };
+    if let &[n, c, t, h, w] = latents.dims() {
+        // Clips: decoded frame by frame.
+        let frames = latents
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((n * t, c, h, w))?;
+        let Some(images) = to_images(&frames, Some(vae), dtype, cfg)? else {
+            return Ok(None);
+        };
+        let (_, ic, ih, iw) = images.dims4()?;
+        let clips = images
+            .reshape((n, t, ic, ih, iw))?
+            .permute((0, 2, 1, 3, 4))?;
+        return Ok(Some(clips.contiguous()?));
+    }
     let n = latents.dim(0)?;
     let bar = ProgressBar::new(n as u64).with_message("decoding");
     let imgs = (0..n)

@@ -60,6 +60,9 @@ pub enum BuiltinArg {
     /// Rendered captioned shapes ("a red circle in the top left on a black background"), RGB;
     /// the held-out caption combinations are left out (`dit eval-shapes` measures them).
     Shapes,
+    /// Captioned clips of a shape gliding across ("a red circle moving left on a black
+    /// background"): trains a text-to-video model (`--frames`; `dit eval-motion` measures it).
+    MovingShapes,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -86,6 +89,13 @@ pub struct TrainArgs {
     /// Built-in shapes: renderings of each training caption.
     #[arg(long, default_value_t = 16)]
     per_caption: usize,
+    /// Built-in moving shapes: frames per clip.
+    #[arg(long, default_value_t = 8)]
+    frames: usize,
+    /// Video models: probability that a clip trains motion-free (frames attending only to
+    /// themselves), for motion-free guidance (GenTron §3.3.2).
+    #[arg(long, default_value_t = 0.1)]
+    motion_free: f64,
     /// Captioned data: the text encoder folder or Hugging Face repo id (default: `$DIT_MINILM`, else the folder
     /// `tools/fetch-minilm.sh` writes, ~/.cache/dit/all-MiniLM-L6-v2); twice for GenTron's two
     /// encoders alternating over the blocks (the first also gives the pooled embedding: CLIP,
@@ -220,6 +230,7 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
             LossArg::L1 => LossKind::L1,
         },
         compute_dtype: a.dtype.dtype_on(dev)?,
+        motion_free: a.motion_free,
         ..Default::default()
     };
     let (mut tr, mut pos) = match &a.resume {
@@ -228,6 +239,7 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
             let input = NewModel {
                 channels,
                 size,
+                frames: data.frames()?,
                 num_classes: data.num_classes(),
                 text: conditioning,
             };
@@ -252,6 +264,18 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
             )
         }
         _ => {}
+    }
+    let frames = data.frames()?;
+    if mc.video.is_some() != frames.is_some() {
+        bail!(
+            "the model takes {} but the data are {}",
+            if mc.video.is_some() {
+                "clips"
+            } else {
+                "images"
+            },
+            if frames.is_some() { "clips" } else { "images" }
+        );
     }
     if (mc.in_channels, mc.input_size) != (channels, size) || mc.num_classes < data.num_classes() {
         bail!(
@@ -366,6 +390,14 @@ fn training_set(a: &TrainArgs, dev: &Device) -> Result<TrainingSet> {
                 let size = a.image_size.unwrap_or(32);
                 dit::data::shapes::training_set(size, a.per_caption.max(1), a.seed, dev)?
             }
+            BuiltinArg::MovingShapes => {
+                if a.flip {
+                    bail!("--flip would swap left and right, which the captions name");
+                }
+                let size = a.image_size.unwrap_or(32);
+                let (per, frames) = (a.per_caption.max(1), a.frames.max(1));
+                dit::data::moving_shapes::training_set(size, frames, per, a.seed, dev)?
+            }
         }));
     };
     if LatentStore::is_store(dir) {
@@ -398,6 +430,8 @@ fn training_set(a: &TrainArgs, dev: &Device) -> Result<TrainingSet> {
 struct NewModel {
     channels: usize,
     size: usize,
+    /// Clips of this many frames: a video model.
+    frames: Option<usize>,
     num_classes: usize,
     /// Captioned data: the text encoder's widths.
     text: Option<TextConditioning>,
@@ -455,6 +489,11 @@ fn initial_weights(a: &TrainArgs, m: &NewModel) -> Result<(DiTConfig, dit::check
             (None, None) => dit::checkpoint::infer_config(&w, Some(size))?,
         };
         cfg.input_size = size;
+        // Image weights for clips: a video model that starts as the image model per frame.
+        if let (Some(frames), None) = (m.frames, cfg.video) {
+            cfg.video = Some(dit::config::VideoConfig { frames });
+            w = dit::train::video_from_image(&w, &cfg, &mut NoiseRng::new(a.seed))?;
+        }
         if cfg.in_channels != channels {
             bail!(
                 "{} takes {} input channels, the data has {channels}",
@@ -465,8 +504,10 @@ fn initial_weights(a: &TrainArgs, m: &NewModel) -> Result<(DiTConfig, dit::check
         for t in w.values_mut() {
             *t = t.to_dtype(candle_core::DType::F32)?;
         }
-        dit::train::resize_label_table(&mut w, num_classes, &mut NoiseRng::new(a.seed))?;
-        cfg.num_classes = num_classes;
+        if cfg.text.is_none() {
+            dit::train::resize_label_table(&mut w, num_classes, &mut NoiseRng::new(a.seed))?;
+            cfg.num_classes = num_classes;
+        }
         let cfg = with_target(cfg, a);
         dit::checkpoint::validate(&cfg, &w)
             .with_context(|| format!("fine-tuning from {}", path.display()))?;
@@ -483,7 +524,8 @@ fn initial_weights(a: &TrainArgs, m: &NewModel) -> Result<(DiTConfig, dit::check
             };
             (cfg.in_channels, cfg.input_size, cfg.num_classes) = (channels, size, num_classes);
             cfg.text = m.text;
-            if m.text.is_none() {
+            cfg.video = m.frames.map(|frames| dit::config::VideoConfig { frames });
+            if m.text.is_none() && m.frames.is_none() {
                 cfg.block = a.block.into();
             }
             cfg
@@ -502,7 +544,7 @@ fn initial_weights(a: &TrainArgs, m: &NewModel) -> Result<(DiTConfig, dit::check
             prediction: Default::default(),
             block: a.block.into(),
             text: m.text,
-            video: None,
+            video: m.frames.map(|frames| dit::config::VideoConfig { frames }),
         },
     };
     let model = with_target(model, a);
@@ -541,9 +583,16 @@ fn sample_grid(tr: &Trainer, text: Option<&TextCache>, path: &std::path::Path) -
         Some(t) => (0..per_row).map(|i| i * t.len() / per_row).collect(),
         None => (0..per_row).collect(),
     };
-    let ids: Vec<usize> = ids.iter().chain(&ids).copied().collect();
+    // Images: two rows; clips: one clip (a row of frames) each.
+    let ids: Vec<usize> = match cfg.video {
+        None => ids.iter().chain(&ids).copied().collect(),
+        Some(_) => ids,
+    };
     let mut rng = NoiseRng::new(0);
-    let shape = (ids.len(), cfg.in_channels, cfg.input_size, cfg.input_size);
+    let mut shape = vec![ids.len(), cfg.in_channels, cfg.input_size, cfg.input_size];
+    if let Some(v) = cfg.video {
+        shape.insert(2, v.frames);
+    }
     let noise = rng.randn_like(&Tensor::zeros(shape, candle_core::DType::F32, dev)?)?;
     let opts = dit::pipeline::SampleOptions {
         steps: 50,
@@ -565,11 +614,14 @@ fn sample_grid(tr: &Trainer, text: Option<&TextCache>, path: &std::path::Path) -
         }
         None => dit::pipeline::sample_latents(&model, &ids, noise, &opts, &mut rng, |_| {})?,
     };
-    let rgb = dit::image_io::to_rgb_images(&x.clamp(-1f32, 1f32)?)?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    let x = x.clamp(-1f32, 1f32)?;
+    match cfg.video {
+        Some(_) => dit::image_io::save_clips(&x, path, &path.with_extension("gif"))?,
+        None => {
+            let rgb = dit::image_io::to_rgb_images(&x)?;
+            dit::image_io::save_png(&dit::image_io::make_grid(&rgb, per_row, 2), path)?;
+        }
     }
-    dit::image_io::save_png(&dit::image_io::make_grid(&rgb, per_row, 2), path)?;
     if let Some(t) = text {
         // Which caption each column shows.
         let names: Vec<&str> = ids[..per_row]

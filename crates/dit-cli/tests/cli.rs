@@ -1461,3 +1461,151 @@ fn text_encoders_resolve_from_the_hugging_face_cache() {
     assert!(String::from_utf8_lossy(&ok.stdout).contains("snapshots/0123abcd"));
     fails_with(&run("tiny/absent", "b"), "not in the Hugging Face cache");
 }
+
+/// Text-to-video end to end on the built-in moving shapes: a video model (also one started from
+/// an image model's checkpoint) trains with clip sample grids and GIFs, samples clips from
+/// prompts with motion-free guidance (GIF and frames), and `eval-motion` scores it both ways.
+#[test]
+fn moving_shapes_train_a_video_model_that_samples_clips_and_is_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = fixture("tiny_clip");
+    let common = |builtin: &'static str, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--builtin",
+            builtin,
+            "--image-size",
+            "8",
+            "--per-caption",
+            "1",
+            "--frames",
+            "3",
+            "--text-encoder",
+            p(&clip),
+            "--patch",
+            "4",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--sample-every",
+            "2",
+            "--out",
+            p(out),
+        ];
+        args.extend_from_slice(extra);
+        train_tiny(&args)
+    };
+    let video = dir.path().join("video");
+    succeeds(&common("moving-shapes", &video, &["--motion-free", "0.5"]));
+    let ckpt = video.join("step-0000002");
+    assert_eq!(state_of(&ckpt)["model"]["video"]["frames"], 3);
+    // The grid: 8 captions x 3 frames of 8 px; the GIF beside it.
+    let grid = image::open(video.join("samples/step-0000002.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (3 * 10 + 2, 8 * 10 + 2));
+    assert!(video.join("samples/step-0000002.gif").is_file());
+    // An image model's checkpoint starts a video model.
+    let image = dir.path().join("image");
+    succeeds(&common("shapes", &image, &[]));
+    let from_image = dir.path().join("from-image");
+    succeeds(&common(
+        "moving-shapes",
+        &from_image,
+        &["--init", p(&image.join("step-0000002"))],
+    ));
+    let w = candle_core::safetensors::load(
+        from_image.join("step-0000002/weights.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        w["model.blocks.0.temporal_attn.qkv.weight"].dims(),
+        [96, 32]
+    );
+    // Sampling clips: 4 frames, motion-free guidance; PNG grid, GIF, per-clip frames.
+    let (png, frames) = (dir.path().join("clips.png"), dir.path().join("frames"));
+    let out = dit(&[
+        "sample",
+        "--ckpt",
+        p(&ckpt),
+        "--text-encoder",
+        p(&clip),
+        "--prompt",
+        "a red circle moving left on a black background",
+        "--prompt",
+        "a blue square moving up on a white background",
+        "--frames",
+        "4",
+        "--motion-scale",
+        "1.2",
+        "--cfg-scale",
+        "7.5",
+        "--steps",
+        "2",
+        "--out",
+        p(&png),
+        "--out-dir",
+        p(&frames),
+    ]);
+    succeeds(&out);
+    let grid = image::open(&png).unwrap();
+    assert_eq!((grid.width(), grid.height()), (4 * 10 + 2, 2 * 10 + 2));
+    let gif = std::fs::File::open(png.with_extension("gif")).unwrap();
+    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(gif)).unwrap();
+    use image::AnimationDecoder;
+    assert_eq!(decoder.into_frames().count(), 4);
+    assert!(frames.join("000001/003.png").is_file() && frames.join("000001.gif").is_file());
+    // --motion-scale needs a video model.
+    fails_with(
+        &dit(&[
+            "sample",
+            "--ckpt",
+            p(&image.join("step-0000002")),
+            "--text-encoder",
+            p(&clip),
+            "--prompt",
+            "x",
+            "--motion-scale",
+            "1.2",
+            "--out",
+            p(&png),
+        ]),
+        "--motion-scale is for text-to-video models",
+    );
+    // eval-motion: held-out captions with and without motion-free guidance.
+    let json = dir.path().join("m.json");
+    succeeds(&dit(&[
+        "eval-motion",
+        "--ckpt",
+        p(&ckpt),
+        "--text-encoder",
+        p(&clip),
+        "--per-caption",
+        "1",
+        "--held-out-only",
+        "--steps",
+        "2",
+        "--json",
+        p(&json),
+    ]));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for run in [
+        "held-out / text guidance",
+        "held-out / motion-free guidance",
+    ] {
+        let d = m[run]["direction"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&d), "{m}");
+        assert!(m[run]["clips"].as_u64().unwrap() > 30, "{m}");
+    }
+    // eval-shapes refuses a video model, eval-motion an image model.
+    fails_with(
+        &dit(&[
+            "eval-shapes",
+            "--ckpt",
+            p(&ckpt),
+            "--text-encoder",
+            p(&clip),
+        ]),
+        "text-to-image models",
+    );
+}

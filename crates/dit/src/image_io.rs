@@ -71,6 +71,53 @@ pub fn make_grid(images: &[RgbImage], nrow: usize, padding: u32) -> RgbImage {
     grid
 }
 
+/// Clips (N, C, T, H, W) in [-1, 1] to their frames as RGB images, clip by clip: N rows of T.
+pub fn clip_frames(x: &Tensor) -> Result<Vec<Vec<RgbImage>>> {
+    let (n, c, t, h, w) = x.dims5()?;
+    let frames = x.permute((0, 2, 1, 3, 4))?.reshape((n * t, c, h, w))?;
+    let mut images = to_rgb_images(&frames)?.into_iter();
+    Ok((0..n).map(|_| images.by_ref().take(t).collect()).collect())
+}
+
+/// Clips (N, C, T, H, W) in [-1, 1] as a PNG grid (one row of frames per clip) and an animated
+/// GIF of all clips side by side (8 to a row), 8 frames per second.
+pub fn save_clips(clips: &Tensor, png: &Path, gif: &Path) -> Result<()> {
+    let rows = clip_frames(clips)?;
+    let t = rows.first().map_or(0, Vec::len);
+    let all: Vec<RgbImage> = rows.iter().flatten().cloned().collect();
+    save_png(&make_grid(&all, t, 2), png)?;
+    let per_frame: Vec<RgbImage> = (0..t)
+        .map(|f| {
+            let frame: Vec<RgbImage> = rows.iter().map(|clip| clip[f].clone()).collect();
+            make_grid(&frame, 8, 2)
+        })
+        .collect();
+    save_gif(&per_frame, 125, gif)
+}
+
+/// Writes an animated GIF (looping, `delay_ms` per frame).
+pub fn save_gif(frames: &[RgbImage], delay_ms: u32, path: &Path) -> Result<()> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut enc = GifEncoder::new_with_speed(std::io::BufWriter::new(file), 10);
+    let gif_err = |e: image::ImageError| Error::Input(format!("{}: {e}", path.display()));
+    enc.set_repeat(Repeat::Infinite).map_err(gif_err)?;
+    for f in frames {
+        let rgba = image::DynamicImage::ImageRgb8(f.clone()).to_rgba8();
+        let delay = image::Delay::from_numer_denom_ms(delay_ms, 1);
+        enc.encode_frame(image::Frame::from_parts(rgba, 0, 0, delay))
+            .map_err(gif_err)?;
+    }
+    Ok(())
+}
+
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {

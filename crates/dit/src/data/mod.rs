@@ -33,7 +33,7 @@ const INDEX: &str = include_str!("../../../../data/mnist/index.json");
 /// `num_classes` is 0).
 #[derive(Debug, Clone)]
 pub struct LabelledImages {
-    /// (N, C, H, W) in [-1, 1].
+    /// (N, C, H, W) in [-1, 1], or clips (N, C, T, H, W).
     pub images: Tensor,
     pub labels: Vec<usize>,
     pub num_classes: usize,
@@ -82,11 +82,12 @@ pub fn mnist(device: &Device) -> Result<LabelledImages> {
     })
 }
 
-/// Mirrors images (N, C, H, W) left-right.
+/// Mirrors images (N, C, H, W) or clips (N, C, T, H, W) left-right.
 pub fn flip_horizontal(x: &Tensor) -> Result<Tensor> {
-    let w = x.dim(3)?;
+    let d = x.rank() - 1;
+    let w = x.dim(d)?;
     let rev: Vec<u32> = (0..w as u32).rev().collect();
-    Ok(x.index_select(&Tensor::new(rev.as_slice(), x.device())?, 3)?)
+    Ok(x.index_select(&Tensor::new(rev.as_slice(), x.device())?, d)?)
 }
 
 /// The paper's augmentation: each image mirrored with probability 1/2 ([`flip_coin`] of its
@@ -151,10 +152,18 @@ impl TrainingSet {
         }
     }
 
+    /// Frames per clip of a video set (in-memory clips (N, C, T, H, W)); `None` for images.
+    pub fn frames(&self) -> Result<Option<usize>> {
+        Ok(match self {
+            Self::Images(d) if d.images.rank() == 5 => Some(d.images.dim(2)?),
+            _ => None,
+        })
+    }
+
     /// (channels, size) of the model input.
     pub fn input(&self) -> Result<(usize, usize)> {
         Ok(match self {
-            Self::Images(d) => (d.images.dim(1)?, d.images.dim(2)?),
+            Self::Images(d) => (d.images.dim(1)?, d.images.dim(d.images.rank() - 1)?),
             Self::Latents(s) => (s.index.latent_shape[0], s.index.latent_shape[1]),
             Self::Folder {
                 size,
