@@ -240,7 +240,12 @@ fn generate(
 }
 
 /// The first samples of the first (at most 8) captions: one row each; clips also as a GIF.
-fn write_grid(samples: &Tensor, captions: &[String], per: usize, path: &PathBuf) -> Result<()> {
+fn write_grid(
+    samples: &Tensor,
+    captions: &[String],
+    per: usize,
+    path: &std::path::Path,
+) -> Result<()> {
     let rows = captions.len().min(8);
     let device = samples.device();
     if samples.rank() == 5 {
