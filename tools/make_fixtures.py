@@ -56,10 +56,20 @@ def embed(w, cfg, x, t):
 
 
 def dit_forward(w, cfg, x, t, y):
-    D, p, H = cfg["hidden"], cfg["patch"], cfg["heads"]
+    p = cfg["patch"]
     N, C, Hh, Ww = x.shape
     h, te = embed(w, cfg, x, t)
-    c = te + w["y_embedder.embedding_table.weight"][y]
+    h = dit_tokens(w, cfg, h, te + w["y_embedder.embedding_table.weight"][y])
+    oc = cfg["out_channels"]
+    g = Hh // p
+    h = h.reshape(N, g, g, p, p, oc)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(N, oc, g * p, g * p)
+
+
+def dit_tokens(w, cfg, h, c):
+    """The adaLN-Zero blocks and the final layer on tokens h (N, L, D) under condition c (N, D)."""
+    D, H = cfg["hidden"], cfg["heads"]
+    N = h.shape[0]
     ln = lambda z: F.layer_norm(z, (D,), eps=1e-6)
     for i in range(cfg["depth"]):
         b = f"blocks.{i}."
@@ -72,11 +82,52 @@ def dit_forward(w, cfg, x, t, y):
         a = F.gelu(F.linear(a, w[b + "mlp.fc1.weight"], w[b + "mlp.fc1.bias"]), approximate="tanh")
         h = h + m[5].unsqueeze(1) * F.linear(a, w[b + "mlp.fc2.weight"], w[b + "mlp.fc2.bias"])
     m = F.linear(F.silu(c), w["final_layer.adaLN_modulation.1.weight"], w["final_layer.adaLN_modulation.1.bias"]).chunk(2, dim=1)
-    h = F.linear(modulate(ln(h), m[0], m[1]), w["final_layer.linear.weight"], w["final_layer.linear.bias"])
+    return F.linear(modulate(ln(h), m[0], m[1]), w["final_layer.linear.weight"], w["final_layer.linear.bias"])
+
+
+def tube_forward(w, cfg, x, t, y, pt):
+    """A class-conditional DiT on spacetime patches (Sora): a Conv3d of pt x p x p tubes, 3-D
+    sin-cos positions (a quarter of the channels, rounded so the rest splits into 4, for the
+    frame; the rest as the 2-D table), the same blocks over all of a clip's tokens, and each
+    token's output (frame, row, column, channel) put back in its tube."""
+    D, p = cfg["hidden"], cfg["patch"]
+    N, C, T, Hh, Ww = x.shape
+    h = F.conv3d(x, w["x_embedder.proj.weight"], w["x_embedder.proj.bias"], stride=(pt, p, p))
+    tt, g = T // pt, Hh // p
+    h = h.flatten(2).transpose(1, 2)
+    dt = 2 * (D // 8)
+    if (D - dt) % 4:
+        dt += 2
+    ft = np.repeat(sincos_1d(dt, np.arange(tt, dtype=np.float64)), g * g, axis=0)
+    fs = np.tile(sincos_2d(D - dt, g), (tt, 1))
+    h = h + torch.tensor(np.concatenate([ft, fs], axis=1), dtype=torch.float32)
+    te = F.linear(t_features(t), w["t_embedder.mlp.0.weight"], w["t_embedder.mlp.0.bias"])
+    te = F.linear(F.silu(te), w["t_embedder.mlp.2.weight"], w["t_embedder.mlp.2.bias"])
+    h = dit_tokens(w, cfg, h, te + w["y_embedder.embedding_table.weight"][y])
     oc = cfg["out_channels"]
-    g = Hh // p
-    h = h.reshape(N, g, g, p, p, oc)
-    return torch.einsum("nhwpqc->nchpwq", h).reshape(N, oc, g * p, g * p)
+    h = h.reshape(N, tt, g, g, pt, p, p, oc)
+    return torch.einsum("nthwkpqc->nctkhpwq", h).reshape(N, oc, tt * pt, g * p, g * p)
+
+
+def tube_fixture():
+    """tubes.safetensors: a tiny class-conditional DiT on spacetime patches of 2 frames x 2 x 2,
+    every weight random and non-zero, two clips of 4 frames, and the forward pass."""
+    gen = torch.Generator().manual_seed(7)
+    cfg = dict(depth=2, hidden=40, heads=2, patch=2, in_channels=3, out_channels=6, classes=5, latent=4)
+    pt = 2
+    w = random_weights(cfg, gen)
+    del w["pos_embed"]
+    D, C, p = cfg["hidden"], cfg["in_channels"], cfg["patch"]
+    fan = C * pt * p * p
+    w["x_embedder.proj.weight"] = torch.randn(D, C, pt, p, p, generator=gen) / math.sqrt(fan)
+    w["final_layer.linear.weight"] = torch.randn(pt * p * p * cfg["out_channels"], D, generator=gen) / math.sqrt(D)
+    w["final_layer.linear.bias"] = 0.05 * torch.randn(pt * p * p * cfg["out_channels"], generator=gen)
+    x = torch.randn(2, C, 4, 4, 4, generator=gen)
+    t = torch.tensor([17, 640])
+    y = torch.tensor([3, 5])  # 5: the null class
+    out = tube_forward(w, cfg, x, t, y, pt)
+    f = {k: v for k, v in w.items()} | {"in.x": x, "in.t": t, "in.y": y, "in.out": out}
+    save_file({k: v.contiguous() for k, v in f.items()}, os.path.join(OUT, "tubes.safetensors"))
 
 
 def dit_forward_cfg(w, cfg, x, t, y, scale, guided):
@@ -630,4 +681,5 @@ if __name__ == "__main__":
     gentron_fixture(gen)
     gentron_pair_fixture()
     gentron_video_fixture()
+    tube_fixture()
     print("fixtures written to", os.path.abspath(OUT))

@@ -151,10 +151,11 @@ pub fn run_motion(a: EvalArgs, device: &Device) -> Result<()> {
     }
     // Text guidance alone, then motion-free guidance (text scale = --cfg-scale).
     let motion_scale = s.opts.motion_scale.unwrap_or(1.2);
-    let runs = [
-        ("text guidance", None),
-        ("motion-free guidance", Some(motion_scale)),
-    ];
+    let mut runs = vec![("text guidance", None)];
+    // (Spacetime-patch models have no temporal attention to mask.)
+    if s.model.config.temporal_attention() {
+        runs.push(("motion-free guidance", Some(motion_scale)));
+    }
     let mut report = serde_json::Map::new();
     for (name, motions) in &groups {
         let wanted: Vec<Motion> = motions
@@ -162,7 +163,7 @@ pub fn run_motion(a: EvalArgs, device: &Device) -> Result<()> {
             .flat_map(|m| std::iter::repeat_n(*m, a.per_caption))
             .collect();
         let captions: Vec<String> = wanted.iter().map(Motion::caption).collect();
-        for (run, scale) in runs {
+        for &(run, scale) in &runs {
             let opts = SampleOptions {
                 motion_scale: scale,
                 ..s.opts.clone()
@@ -180,7 +181,8 @@ pub fn run_motion(a: EvalArgs, device: &Device) -> Result<()> {
                 pct(acc.all)
             );
             report.insert(format!("{name} / {run}"), serde_json::to_value(acc)?);
-            if let (Some(p), "held-out", Some(_)) = (&a.grid, *name, scale) {
+            let last = runs.last().is_some_and(|l| l.0 == run);
+            if let (Some(p), "held-out", true) = (&a.grid, *name, last) {
                 let rows: Vec<String> = motions.iter().map(Motion::caption).collect();
                 write_grid(&clips, &rows, a.per_caption, p)?;
             }

@@ -125,11 +125,11 @@ impl SamplingArgs {
                 CfgChannels::All => GuidedChannels::All,
             },
             clip_denoised: self.clip_x0.unwrap_or(cfg.in_channels != 4),
-            motion_scale: match (self.motion_scale, cfg.video, cfg.text) {
-                (Some(_), None, _) | (Some(_), _, None) => {
-                    bail!("--motion-scale is for text-to-video models")
+            motion_scale: match self.motion_scale {
+                Some(_) if !cfg.temporal_attention() || cfg.text.is_none() => {
+                    bail!("--motion-scale is for text-to-video models with temporal attention")
                 }
-                (m, ..) => m,
+                m => m,
             },
         })
     }

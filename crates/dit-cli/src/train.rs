@@ -92,6 +92,10 @@ pub struct TrainArgs {
     /// Built-in moving shapes: frames per clip.
     #[arg(long, default_value_t = 8)]
     frames: usize,
+    /// New video models: spacetime patches (Sora) of this many frames x patch x patch, attended
+    /// all at once, instead of per-frame patches with temporal attention.
+    #[arg(long)]
+    tubelet: Option<usize>,
     /// Video models: probability that a clip trains motion-free (frames attending only to
     /// themselves), for motion-free guidance (GenTron §3.3.2).
     #[arg(long, default_value_t = 0.1)]
@@ -491,7 +495,7 @@ fn initial_weights(a: &TrainArgs, m: &NewModel) -> Result<(DiTConfig, dit::check
         cfg.input_size = size;
         // Image weights for clips: a video model that starts as the image model per frame.
         if let (Some(frames), None) = (m.frames, cfg.video) {
-            cfg.video = Some(dit::config::VideoConfig { frames });
+            cfg.video = Some(dit::config::VideoConfig::frames(frames));
             w = dit::train::video_from_image(&w, &cfg, &mut NoiseRng::new(a.seed))?;
         }
         if cfg.in_channels != channels {
@@ -524,7 +528,7 @@ fn initial_weights(a: &TrainArgs, m: &NewModel) -> Result<(DiTConfig, dit::check
             };
             (cfg.in_channels, cfg.input_size, cfg.num_classes) = (channels, size, num_classes);
             cfg.text = m.text;
-            cfg.video = m.frames.map(|frames| dit::config::VideoConfig { frames });
+            cfg.video = video_config(m.frames, a.tubelet);
             if m.text.is_none() && m.frames.is_none() {
                 cfg.block = a.block.into();
             }
@@ -544,13 +548,18 @@ fn initial_weights(a: &TrainArgs, m: &NewModel) -> Result<(DiTConfig, dit::check
             prediction: Default::default(),
             block: a.block.into(),
             text: m.text,
-            video: m.frames.map(|frames| dit::config::VideoConfig { frames }),
+            video: video_config(m.frames, a.tubelet),
         },
     };
     let model = with_target(model, a);
     model.validate()?;
     let init = reference_init(&model, &mut NoiseRng::new(a.seed))?;
     Ok((model, init))
+}
+
+/// A new model's video settings: clips of `frames`, with `--tubelet` spacetime patches.
+fn video_config(frames: Option<usize>, tubelet: Option<usize>) -> Option<dit::config::VideoConfig> {
+    frames.map(|frames| dit::config::VideoConfig { frames, tubelet })
 }
 
 /// The schedule and prediction target chosen on the command line.

@@ -1597,6 +1597,37 @@ fn moving_shapes_train_a_video_model_that_samples_clips_and_is_scored() {
         assert!((0.0..=1.0).contains(&d), "{m}");
         assert!(m[run]["clips"].as_u64().unwrap() > 30, "{m}");
     }
+    // Spacetime patches instead of temporal attention: 3-frame tubes; no motion-free guidance.
+    let tubes = dir.path().join("tubes");
+    succeeds(&common("moving-shapes", &tubes, &["--tubelet", "3"]));
+    let tube_ckpt = tubes.join("step-0000002");
+    assert_eq!(state_of(&tube_ckpt)["model"]["video"]["tubelet"], 3);
+    let w = candle_core::safetensors::load(tube_ckpt.join("weights.safetensors"), &Device::Cpu)
+        .unwrap();
+    assert_eq!(w["model.x_embedder.proj.weight"].dims(), [32, 3, 3, 4, 4]);
+    assert!(!w.contains_key("model.blocks.0.temporal_attn.qkv.weight"));
+    let tube_sample = |extra: &[&str]| {
+        let mut args = vec![
+            "sample",
+            "--ckpt",
+            p(&tube_ckpt),
+            "--text-encoder",
+            p(&clip),
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--out",
+            p(&png),
+        ];
+        args.extend_from_slice(extra);
+        dit(&args)
+    };
+    succeeds(&tube_sample(&["--frames", "6"]));
+    fails_with(
+        &tube_sample(&["--motion-scale", "1.2"]),
+        "temporal attention",
+    );
     // eval-shapes refuses a video model, eval-motion an image model.
     fails_with(
         &dit(&[

@@ -111,12 +111,17 @@ pub fn config_beside(weights: &Path) -> Result<Option<DiTConfig>> {
 pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig> {
     let bad = |m: String| Err(Error::Checkpoint(m));
     let xw = dims(t, "x_embedder.proj.weight")?;
-    let [hidden_size, in_channels, patch_size, _] = xw else {
+    // A Conv2d's weight, or a Conv3d's for spacetime patches (tubelet frames deep).
+    let (xw, tubelet) = match xw {
+        [d, c, pt, p, q] => (vec![*d, *c, *p, *q], Some(*pt)),
+        _ => (xw.to_vec(), None),
+    };
+    let [hidden_size, in_channels, patch_size, _] = xw[..] else {
         return bad(format!(
-            "x_embedder.proj.weight has shape {xw:?}, expected 4 dimensions"
+            "x_embedder.proj.weight has shape {xw:?}, expected 4 dimensions (5 for spacetime patches)"
         ));
     };
-    let (hidden_size, in_channels, patch_size) = (*hidden_size, *in_channels, *patch_size);
+    let (hidden_size, in_channels, patch_size) = (hidden_size, in_channels, patch_size);
     // A text-conditioned (GenTron) model has a pooled-text MLP where a class model has its label
     // table; the padded text length is not recorded (77, CLIP's, unless a config says). Two
     // encoders show as blocks 0 and 1 reading different widths (equal widths need the config).
@@ -151,7 +156,8 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
         .max()
         .map_or(0, |d| d + 1);
     let fc1 = dims(t, "blocks.0.mlp.fc1.weight")?[0];
-    let out = dims(t, "final_layer.linear.weight")?[0] / (patch_size * patch_size);
+    let out =
+        dims(t, "final_layer.linear.weight")?[0] / (patch_size * patch_size * tubelet.unwrap_or(1));
     let input_size = match t.get("pos_embed") {
         Some(p) => {
             ((p.dims().get(1).copied().unwrap_or(0) as f64)
@@ -192,11 +198,17 @@ pub fn infer_config(t: &Tensors, latent_size: Option<usize>) -> Result<DiTConfig
         prediction: Default::default(),
         block,
         text,
-        // A video model has temporal attention; its clip length is not recorded (8 unless a
-        // config says).
-        video: t
-            .contains_key("blocks.0.temporal_attn.qkv.weight")
-            .then_some(crate::config::VideoConfig { frames: 8 }),
+        // A video model has temporal attention or spacetime patches; its clip length is not
+        // recorded (8, or one tube, unless a config says).
+        video: match tubelet {
+            Some(pt) => Some(crate::config::VideoConfig {
+                frames: pt * 8usize.div_ceil(pt),
+                tubelet: Some(pt),
+            }),
+            None => t
+                .contains_key("blocks.0.temporal_attn.qkv.weight")
+                .then_some(crate::config::VideoConfig::frames(8)),
+        },
     };
     cfg.validate()?;
     Ok(cfg)
@@ -208,7 +220,10 @@ pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
     let mut v: Vec<(String, Vec<usize>)> = vec![
         (
             "x_embedder.proj.weight".into(),
-            vec![d, cfg.in_channels, p, p],
+            match cfg.video.and_then(|v| v.tubelet) {
+                Some(pt) => vec![d, cfg.in_channels, pt, p, p],
+                None => vec![d, cfg.in_channels, p, p],
+            },
         ),
         ("x_embedder.proj.bias".into(), vec![d]),
         ("pos_embed".into(), vec![1, cfg.num_patches(), d]),
@@ -268,7 +283,7 @@ pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
             );
             linear(&mut v, format!("{b}.cross_attn.proj"), d, d);
         }
-        if cfg.video.is_some() {
+        if cfg.temporal_attention() {
             norm(&mut v, format!("{b}.norm_temporal"));
             linear(&mut v, format!("{b}.temporal_attn.qkv"), 3 * d, d);
             linear(&mut v, format!("{b}.temporal_attn.proj"), d, d);
@@ -281,9 +296,13 @@ pub fn expected_shapes(cfg: &DiTConfig) -> Vec<(String, Vec<usize>)> {
     linear(
         &mut v,
         "final_layer.linear".into(),
-        p * p * cfg.out_channels(),
+        p * p * cfg.tubelet() * cfg.out_channels(),
         d,
     );
+    if cfg.video.is_some_and(|v| v.tubelet.is_some()) {
+        // Spacetime positions depend on the clip length: computed, never stored.
+        v.retain(|(n, _)| n != "pos_embed");
+    }
     v
 }
 

@@ -47,6 +47,21 @@ pub struct VideoConfig {
     /// Frames per clip the model is trained and sampled with (any count runs: the frame positions
     /// are fixed sin-cos features).
     pub frames: usize,
+    /// Spacetime patches (Sora): clips cut into tubes of this many frames x patch x patch, with
+    /// 3-D sin-cos positions and self-attention over all of a clip's tubes, instead of per-frame
+    /// patches with temporal attention. Frame counts are then multiples of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tubelet: Option<usize>,
+}
+
+impl VideoConfig {
+    /// Per-frame patches with temporal attention.
+    pub fn frames(frames: usize) -> Self {
+        Self {
+            frames,
+            tubelet: None,
+        }
+    }
 }
 
 /// GenTron's text conditioning (arXiv 2312.04557, §3.2): in every adaLN-Zero block a
@@ -242,6 +257,16 @@ impl DiTConfig {
         (self.hidden_size as f64 * self.mlp_ratio) as usize
     }
 
+    /// Frames per spacetime patch (1 for images and per-frame video patches).
+    pub fn tubelet(&self) -> usize {
+        self.video.and_then(|v| v.tubelet).unwrap_or(1)
+    }
+
+    /// Whether the blocks have GenTron's temporal attention (video without spacetime patches).
+    pub fn temporal_attention(&self) -> bool {
+        self.video.is_some_and(|v| v.tubelet.is_none())
+    }
+
     /// Tokens per side of the patch grid.
     pub fn grid_size(&self) -> usize {
         self.input_size / self.patch_size
@@ -256,6 +281,19 @@ impl DiTConfig {
         let bad = |m: String| Err(Error::Config(m));
         match self.video {
             Some(v) if v.frames == 0 => return bad("a video model needs at least one frame".into()),
+            Some(VideoConfig {
+                frames,
+                tubelet: Some(pt),
+            }) if pt == 0 || !frames.is_multiple_of(pt) => {
+                return bad(format!(
+                    "{frames} frames do not split into spacetime patches of {pt} frames"
+                ))
+            }
+            Some(VideoConfig {
+                tubelet: Some(_), ..
+            }) if !self.hidden_size.is_multiple_of(2) || self.hidden_size < 8 => {
+                return bad("spacetime patches need an even hidden size of at least 8".into())
+            }
             Some(_) if self.block != BlockDesign::AdaLnZero => {
                 return bad("video models are built on adaLN-Zero blocks (GenTron)".into())
             }

@@ -376,7 +376,8 @@ impl Trainer {
             .map(|_| self.rng.uniform() < self.cfg.class_dropout)
             .collect();
         // (Drawn for video models only: image runs keep their random stream.)
-        let motion: Option<Vec<f32>> = self.model.config.video.map(|_| {
+        let temporal = self.model.config.temporal_attention();
+        let motion: Option<Vec<f32>> = temporal.then(|| {
             (0..global)
                 .map(|_| f32::from(u8::from(self.rng.uniform() >= self.cfg.motion_free)))
                 .collect()

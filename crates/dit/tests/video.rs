@@ -38,7 +38,7 @@ fn video_fixture() -> (Tensors, dit::DiTConfig, HashMap<String, Tensor>) {
         .collect();
     let mut cfg = checkpoint::infer_config(&weights, None).unwrap();
     assert!(cfg.video.is_some(), "temporal layers recognised");
-    cfg.video = Some(VideoConfig { frames: 3 });
+    cfg.video = Some(VideoConfig::frames(3));
     cfg.num_heads = 2;
     (weights, cfg, inputs)
 }
@@ -243,7 +243,7 @@ fn a_text_video_model_trains_and_samples_with_motion_free_guidance() {
         prediction: Default::default(),
         block: Default::default(),
         text: Some(dit::config::TextConditioning::single(16, 4)),
-        video: Some(VideoConfig { frames: 3 }),
+        video: Some(VideoConfig::frames(3)),
     };
     let init = reference_init(&cfg, &mut NoiseRng::new(0)).unwrap();
     let tc = TrainConfig {
@@ -335,4 +335,82 @@ fn a_text_video_model_trains_and_samples_with_motion_free_guidance() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("(N, C, T, H, W)"), "{err}");
+}
+
+/// Spacetime patches (Sora): each tube's values land where a Conv3d reads them, and come back
+/// from where the unpatchify puts each token's (frame, row, column, channel) outputs.
+#[test]
+fn spacetime_patches_index_and_round_trip() {
+    use dit::model::embed::{patchify_tubes, unpatchify_tubes};
+    let (n, c, t, h, w, pt, p) = (2, 3, 4, 6, 4, 2, 2);
+    let x = Tensor::arange(0f32, (n * c * t * h * w) as f32, &dev())
+        .unwrap()
+        .reshape((n, c, t, h, w))
+        .unwrap();
+    let tubes = patchify_tubes(&x, pt, p).unwrap();
+    let (tt, hh, ww) = (t / pt, h / p, w / p);
+    assert_eq!(tubes.dims(), [n, tt * hh * ww, c * pt * p * p]);
+    let tv = tubes.to_vec3::<f32>().unwrap();
+    let xv = |b: usize, ch: usize, f: usize, y: usize, xx: usize| {
+        ((((b * c + ch) * t + f) * h + y) * w + xx) as f32
+    };
+    for b in 0..n {
+        for (tok, row) in tv[b].iter().enumerate() {
+            let (ti, hi, wi) = (tok / (hh * ww), tok / ww % hh, tok % ww);
+            for (k, &v) in row.iter().enumerate() {
+                // Conv3d order: (channel, frame, row, column).
+                let (ch, f, y, xx) = (k / (pt * p * p), k / (p * p) % pt, k / p % p, k % p);
+                assert_eq!(v, xv(b, ch, ti * pt + f, hi * p + y, wi * p + xx));
+            }
+        }
+    }
+    // The output side orders (frame, row, column, channel): reorder the values accordingly and
+    // the clip comes back exactly.
+    let reordered = tubes
+        .reshape((n, tt * hh * ww, c, pt * p * p))
+        .unwrap()
+        .transpose(2, 3)
+        .unwrap()
+        .reshape((n, tt * hh * ww, pt * p * p * c))
+        .unwrap();
+    let back = unpatchify_tubes(&reordered, c, pt, p, (tt, hh, ww)).unwrap();
+    assert_eq!(back.dims(), x.dims());
+    assert_eq!(common::max_abs_diff(&back, &x), 0.0);
+}
+
+/// A class-conditional DiT on spacetime patches against the torch implementation (Conv3d
+/// tubes, 3-D sin-cos positions, attention over all of a clip's tokens); the config is read
+/// from the tensors; bad frame counts are errors.
+#[test]
+fn a_spacetime_patch_model_matches_torch() {
+    let f = candle_core::safetensors::load(common::fixture("tubes.safetensors"), &dev()).unwrap();
+    let weights: Tensors = f
+        .iter()
+        .filter(|(k, _)| !k.starts_with("in."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut cfg = checkpoint::infer_config(&weights, Some(4)).unwrap();
+    let v = cfg.video.expect("a video model");
+    assert_eq!((v.tubelet, cfg.temporal_attention()), (Some(2), false));
+    assert_eq!(
+        (cfg.in_channels, cfg.num_classes, cfg.patch_size),
+        (3, 5, 2)
+    );
+    cfg.num_heads = 2;
+    let model = checkpoint::build_model(&cfg, weights, DType::F32, &dev()).unwrap();
+    let y = f["in.y"].to_dtype(DType::U32).unwrap();
+    let out = model.forward(&f["in.x"], &f["in.t"], &y).unwrap();
+    let e = rel_l2(&out, &f["in.out"]);
+    assert!(e < 1e-5, "spacetime-patch forward rel L2 {e}");
+    // Frames that do not split into tubes.
+    let odd = f["in.x"].narrow(2, 0, 3).unwrap();
+    assert!(model.forward(&odd, &f["in.t"], &y).is_err());
+    let bad = dit::DiTConfig {
+        video: Some(VideoConfig {
+            frames: 5,
+            tubelet: Some(2),
+        }),
+        ..cfg.clone()
+    };
+    assert!(bad.validate().unwrap_err().to_string().contains("5 frames"));
 }

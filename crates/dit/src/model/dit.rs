@@ -6,7 +6,8 @@ use candle_nn::VarBuilder;
 
 use super::block::{Condition, DiTBlock, FinalLayer, Frames, TextTokens};
 use super::embed::{
-    sincos_2d, sincos_table, LabelEmbedder, PatchEmbed, PooledTextEmbedder, TimestepEmbedder,
+    sincos_2d, sincos_3d, sincos_table, unpatchify_tubes, LabelEmbedder, PatchEmbed,
+    PooledTextEmbedder, TimestepEmbedder, TubeEmbed,
 };
 use crate::config::BlockDesign;
 use crate::config::DiTConfig;
@@ -123,10 +124,17 @@ impl TextBatch {
     }
 }
 
+/// Patchify: per image (or frame), or spacetime tubes of a clip.
+#[derive(Debug, Clone)]
+enum Embedder {
+    Patches(PatchEmbed),
+    Tubes(TubeEmbed),
+}
+
 #[derive(Debug, Clone)]
 pub struct DiT {
     pub config: DiTConfig,
-    x_embedder: PatchEmbed,
+    x_embedder: Embedder,
     t_embedder: TimestepEmbedder,
     /// Class models: the label table; text models: the pooled-text MLP.
     y_embedder: Option<LabelEmbedder>,
@@ -141,12 +149,11 @@ impl DiT {
     /// `pos_embed` is computed, not read: it is a fixed function of the grid.
     pub fn new(config: &DiTConfig, vb: VarBuilder) -> Result<Self> {
         let c = config;
-        let x_embedder = PatchEmbed::new(
-            c.in_channels,
-            c.hidden_size,
-            c.patch_size,
-            vb.pp("x_embedder"),
-        )?;
+        let (d, p, vx) = (c.hidden_size, c.patch_size, vb.pp("x_embedder"));
+        let x_embedder = match c.video.and_then(|v| v.tubelet) {
+            Some(pt) => Embedder::Tubes(TubeEmbed::new(c.in_channels, d, pt, p, vx)?),
+            None => Embedder::Patches(PatchEmbed::new(c.in_channels, d, p, vx)?),
+        };
         let t_embedder = TimestepEmbedder::new(c.hidden_size, vb.pp("t_embedder"))?;
         let (y_embedder, pooled_embedder) = match c.text {
             None => (
@@ -176,16 +183,17 @@ impl DiT {
                     c.num_heads,
                     c.mlp_hidden(),
                     c.text.map(|t| t.context_dim_of(i)),
-                    c.video.is_some(),
+                    c.temporal_attention(),
                     vb.pp(format!("blocks.{i}")),
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        // Spacetime patches: each token predicts its whole tube.
         let final_layer = FinalLayer::new(
             c.block,
             c.hidden_size,
             c.patch_size,
-            c.out_channels(),
+            c.tubelet() * c.out_channels(),
             vb.pp("final_layer"),
         )?;
         Ok(Self {
@@ -249,6 +257,11 @@ impl DiT {
         let (Some(pooled_embedder), Some(tc)) = (&self.pooled_embedder, self.config.text) else {
             candle_core::bail!("a class-conditional model takes labels: use forward");
         };
+        if motion.is_some() && !self.config.temporal_attention() {
+            candle_core::bail!(
+                "motion flags need a video model with temporal attention (spacetime-patch models attend over all frames at once)"
+            );
+        }
         if texts.len() != tc.encoders() {
             candle_core::bail!(
                 "the model reads {} text encoder(s), given {}",
@@ -288,15 +301,30 @@ impl DiT {
                 x.dims()
             );
         }
-        let (x, frames) = match *x.dims() {
-            [n, c, f, h, w] => (x.permute((0, 2, 1, 3, 4))?.reshape((n * f, c, h, w))?, f),
-            _ => (x.clone(), 1),
+        // Patchify: an image, each frame of a clip, or a clip's spacetime tubes.
+        let p = self.config.patch_size;
+        let x = x.to_dtype(self.dtype())?;
+        let (x, frames, grid) = match (&self.x_embedder, x.dims()) {
+            (Embedder::Tubes(tubes), &[_, _, f, h, w]) => {
+                let pt = self.config.tubelet();
+                if !f.is_multiple_of(pt) {
+                    candle_core::bail!("{f} frames do not split into spacetime patches of {pt}");
+                }
+                let grid = (f / pt, h / p, w / p);
+                let pos = sincos_3d(self.config.hidden_size, grid, x.device(), self.dtype())?;
+                (tubes.forward(&x)?.broadcast_add(&pos)?, 1, grid)
+            }
+            (Embedder::Patches(patches), &[n, c, f, h, w]) => {
+                let x = x.permute((0, 2, 1, 3, 4))?.reshape((n * f, c, h, w))?;
+                let x = patches.forward(&x)?.broadcast_add(&self.pos_embed)?;
+                (x, f, (1, h / p, w / p))
+            }
+            (Embedder::Patches(patches), &[_, _, h, w]) => {
+                let x = patches.forward(&x)?.broadcast_add(&self.pos_embed)?;
+                (x, 1, (1, h / p, w / p))
+            }
+            _ => candle_core::bail!("input of shape {:?} does not fit the model", x.dims()),
         };
-        let (_, _, h, w) = x.dims4()?;
-        let x = self
-            .x_embedder
-            .forward(&x.to_dtype(self.dtype())?)?
-            .broadcast_add(&self.pos_embed)?;
         let t_emb = per_frame(&self.t_embedder.forward(t)?, frames)?;
         let y_emb = per_frame(y_emb, frames)?;
         let c = (&t_emb + &y_emb)?;
@@ -315,14 +343,14 @@ impl DiT {
                 mask: mask.as_ref(),
             })
             .collect();
-        let positions = match self.config.video {
-            Some(_) => Some(sincos_table(
+        let positions = match self.config.temporal_attention() {
+            true => Some(sincos_table(
                 self.config.hidden_size,
                 frames,
                 x.device(),
                 self.dtype(),
             )?),
-            None => None,
+            false => None,
         };
         let cond = Condition {
             c: &c,
@@ -348,7 +376,11 @@ impl DiT {
             x = x.narrow(1, extra, x.dim(1)? - extra)?;
         }
         let x = self.final_layer.forward(&x, &c)?;
-        let out = self.unpatchify(&x, h / self.config.patch_size, w / self.config.patch_size)?;
+        if let Embedder::Tubes(_) = self.x_embedder {
+            let (c, pt) = (self.config.out_channels(), self.config.tubelet());
+            return unpatchify_tubes(&x, c, pt, p, grid);
+        }
+        let out = self.unpatchify(&x, grid.1, grid.2)?;
         match self.config.video {
             // (N*T, C, H, W) -> (N, C, T, H, W)
             Some(_) => {

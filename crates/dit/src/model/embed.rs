@@ -46,6 +46,85 @@ impl Module for PatchEmbed {
     }
 }
 
+/// Spacetime patches (Sora): clips (N, C, T, H, W) cut into tubes of `tubelet` frames x
+/// `patch` x `patch`, each projected to `hidden` (`x_embedder.proj`, a Conv3d's weight
+/// (hidden, C, tubelet, patch, patch)); tokens row-major over (t, h, w).
+#[derive(Debug, Clone)]
+pub struct TubeEmbed {
+    /// (hidden, C * tubelet * patch * patch)
+    weight: Tensor,
+    bias: Tensor,
+    tubelet: usize,
+    patch: usize,
+}
+
+impl TubeEmbed {
+    pub fn new(
+        in_channels: usize,
+        hidden: usize,
+        tubelet: usize,
+        patch: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let w = vb.get((hidden, in_channels, tubelet, patch, patch), "proj.weight")?;
+        Ok(Self {
+            weight: w.reshape((hidden, ()))?,
+            bias: vb.get(hidden, "proj.bias")?,
+            tubelet,
+            patch,
+        })
+    }
+}
+
+impl Module for TubeEmbed {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let tubes = patchify_tubes(&x.to_dtype(self.weight.dtype())?, self.tubelet, self.patch)?;
+        tubes
+            .broadcast_matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Clips (N, C, T, H, W) to tubes (N, T/pt * H/p * W/p, C * pt * p * p): row-major over
+/// (t, h, w), each tube's values ordered (c, frame, row, column) as a Conv3d weight.
+pub fn patchify_tubes(x: &Tensor, pt: usize, p: usize) -> Result<Tensor> {
+    let (n, c, t, h, w) = x.dims5()?;
+    let (tt, hh, ww) = (t / pt, h / p, w / p);
+    // Per frame: (N*T, H', W', C, p, p).
+    let frames = x
+        .permute((0, 2, 1, 3, 4))?
+        .reshape((n * t, c, hh, p, ww, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((n * tt, pt, hh * ww, c, p * p))?;
+    // Gather each tube's pt frames, channel-major: (N*T', H'W', C, pt, p*p).
+    frames
+        .permute((0, 2, 3, 1, 4))?
+        .reshape((n, tt * hh * ww, c * pt * p * p))
+}
+
+/// Tokens (N, T'*H'*W', pt * p * p * C) back to clips (N, C, T'*pt, H'*p, W'*p): each token's
+/// values ordered (frame, row, column, channel), as DiT's unpatchify orders (row, column,
+/// channel).
+pub fn unpatchify_tubes(
+    x: &Tensor,
+    c: usize,
+    pt: usize,
+    p: usize,
+    (tt, hh, ww): (usize, usize, usize),
+) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    // (N*T', H'W', pt, p*p*C) -> (N*T'*pt, H', W', p, p, C): one frame's patches each.
+    let frames = x
+        .reshape((n * tt, hh * ww, pt, p * p * c))?
+        .transpose(1, 2)?
+        .reshape((n * tt * pt, hh, ww, p, p, c))?;
+    frames
+        .permute((0, 5, 1, 3, 2, 4))?
+        .reshape((n, tt * pt, c, hh * p, ww * p))?
+        .permute((0, 2, 1, 3, 4))?
+        .contiguous()
+}
+
 /// Sinusoidal features of the (possibly fractional) timesteps `t` (N,): cos first, then sin,
 /// frequencies exp(-ln(max_period) * i / half), as the reference's `timestep_embedding`.
 pub fn timestep_features(t: &Tensor, dim: usize, max_period: f64) -> Result<Tensor> {
@@ -175,6 +254,29 @@ pub fn sincos_table(dim: usize, n: usize, device: &Device, dtype: DType) -> Resu
         .map(|v| v as f32)
         .collect();
     Tensor::from_vec(table, (n, dim), device)?.to_dtype(dtype)
+}
+
+/// Fixed 3-D sin-cos position table (1, t*h*w, dim) for spacetime patches, row-major over
+/// (t, h, w): a quarter of the channels (rounded to even) encodes the frame, the rest the 2-D
+/// position as [`sincos_2d`] does.
+pub fn sincos_3d(
+    dim: usize,
+    (t, h, w): (usize, usize, usize),
+    device: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    // Even, and leaving a multiple of 4 for the two spatial axes (dim is even).
+    let mut dt = 2 * (dim / 8);
+    if !(dim - dt).is_multiple_of(4) {
+        dt += 2;
+    }
+    let frames = sincos_table(dt, t, device, DType::F32)?; // (t, dt)
+    let grid = sincos_2d(dim - dt, h, w, device, DType::F32)?.squeeze(0)?; // (h*w, dim - dt)
+    let frames = frames.unsqueeze(1)?.broadcast_as((t, h * w, dt))?;
+    let grid = grid.unsqueeze(0)?.broadcast_as((t, h * w, dim - dt))?;
+    Tensor::cat(&[frames, grid], 2)?
+        .reshape((1, t * h * w, dim))?
+        .to_dtype(dtype)
 }
 
 /// Fixed 2-D sin-cos position table (1, h*w, dim) for a grid of `h` rows and `w` columns,
