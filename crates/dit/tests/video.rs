@@ -354,8 +354,8 @@ fn spacetime_patches_index_and_round_trip() {
     let xv = |b: usize, ch: usize, f: usize, y: usize, xx: usize| {
         ((((b * c + ch) * t + f) * h + y) * w + xx) as f32
     };
-    for b in 0..n {
-        for (tok, row) in tv[b].iter().enumerate() {
+    for (b, clip) in tv.iter().enumerate() {
+        for (tok, row) in clip.iter().enumerate() {
             let (ti, hi, wi) = (tok / (hh * ww), tok / ww % hh, tok % ww);
             for (k, &v) in row.iter().enumerate() {
                 // Conv3d order: (channel, frame, row, column).
