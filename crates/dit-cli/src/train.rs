@@ -77,7 +77,8 @@ pub struct TrainArgs {
     /// sub-folder per class). Default: the built-in digits.
     /// Captioned data trains a text-conditioned model: a folder of images with `.txt` captions
     /// beside them, a `.jsonl` of file_name / text pairs (or a folder with `metadata.jsonl`), or
-    /// the npm package `emoji-datasource-google`'s folder.
+    /// the npm package `emoji-datasource-google`'s folder. Captioned clips (sub-folders of frames
+    /// or GIFs, each with a `.txt` of the same name) train a text-to-video model.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Without --data: which embedded set.
@@ -89,9 +90,12 @@ pub struct TrainArgs {
     /// Built-in shapes: renderings of each training caption.
     #[arg(long, default_value_t = 16)]
     per_caption: usize,
-    /// Built-in moving shapes: frames per clip.
+    /// Video data (built-in moving shapes, clip folders): frames per clip.
     #[arg(long, default_value_t = 8)]
     frames: usize,
+    /// Clip folders: take every Nth frame.
+    #[arg(long, default_value_t = 1)]
+    frame_stride: usize,
     /// New video models: spacetime patches (Sora) of this many frames x patch x patch, attended
     /// all at once, instead of per-frame patches with temporal attention.
     #[arg(long)]
@@ -407,7 +411,6 @@ fn training_set(a: &TrainArgs, dev: &Device) -> Result<TrainingSet> {
     if LatentStore::is_store(dir) {
         return Ok(TrainingSet::Latents(LatentStore::open(dir)?));
     }
-    let folder = dit::data::folder::ImageFolder::open_any(dir)?;
     let image_size = a.image_size.unwrap_or(256);
     let vae = match &a.vae {
         Some(v) => {
@@ -422,8 +425,18 @@ fn training_set(a: &TrainArgs, dev: &Device) -> Result<TrainingSet> {
         }
         None => None,
     };
+    if let Some(folder) = dit::data::clips::ClipFolder::open(dir)? {
+        return Ok(TrainingSet::Clips {
+            folder,
+            size: image_size,
+            channels: a.channels,
+            frames: a.frames.max(1),
+            stride: a.frame_stride.max(1),
+            vae,
+        });
+    }
     Ok(TrainingSet::Folder {
-        folder,
+        folder: dit::data::folder::ImageFolder::open_any(dir)?,
         size: image_size,
         channels: a.channels,
         vae,

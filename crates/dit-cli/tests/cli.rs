@@ -1640,3 +1640,84 @@ fn moving_shapes_train_a_video_model_that_samples_clips_and_is_scored() {
         "text-to-image models",
     );
 }
+
+/// A folder of captioned clips (a folder of frames, a GIF) trains a text-to-video model, in
+/// pixel space and, frame by frame through a VAE, in latent space.
+#[test]
+fn clip_folders_train_text_to_video_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("clips");
+    std::fs::create_dir_all(data.join("fade")).unwrap();
+    for f in 0..4u8 {
+        image::RgbImage::from_pixel(12, 12, image::Rgb([f * 60, 10, 10]))
+            .save(data.join(format!("fade/{f}.png")))
+            .unwrap();
+    }
+    std::fs::write(data.join("fade.txt"), "a red fade").unwrap();
+    let frames: Vec<image::RgbImage> = (0..5u8)
+        .map(|f| image::RgbImage::from_pixel(12, 12, image::Rgb([10, 10, f * 50])))
+        .collect();
+    dit::image_io::save_gif(&frames, 100, &data.join("blue.gif")).unwrap();
+    std::fs::write(data.join("blue.txt"), "a blue fade").unwrap();
+    let (encoder, vae) = (fixture("tiny_clip"), fixture("tiny_vae_folder"));
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--data",
+            p(&data),
+            "--image-size",
+            "8",
+            "--text-encoder",
+            p(&encoder),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--sample-every",
+            "0",
+            "--out",
+            p(out),
+        ];
+        args.extend_from_slice(extra);
+        train_tiny(&args)
+    };
+    let pixels = dir.path().join("pixels");
+    succeeds(&run(
+        &pixels,
+        &["--patch", "4", "--frames", "2", "--frame-stride", "2"],
+    ));
+    let model = &state_of(&pixels.join("step-0000001"))["model"];
+    assert_eq!(
+        (
+            model["video"]["frames"].as_u64(),
+            model["in_channels"].as_u64()
+        ),
+        (Some(2), Some(3))
+    );
+    let latents = dir.path().join("latents");
+    succeeds(&run(
+        &latents,
+        &[
+            "--patch",
+            "2",
+            "--vae",
+            p(&vae),
+            "--frames",
+            "2",
+            "--frame-stride",
+            "2",
+        ],
+    ));
+    let model = &state_of(&latents.join("step-0000001"))["model"];
+    assert_eq!(
+        (model["in_channels"].as_u64(), model["input_size"].as_u64()),
+        (Some(4), Some(4))
+    );
+    // More frames than a clip has: an error naming the clip.
+    fails_with(
+        &run(
+            &dir.path().join("long"),
+            &["--patch", "4", "--frames", "4", "--frame-stride", "2"],
+        ),
+        "need 7",
+    );
+}

@@ -9,6 +9,7 @@ use image::GenericImageView;
 use crate::{Error, Result};
 
 pub mod captions;
+pub mod clips;
 pub mod folder;
 pub mod latents;
 pub mod moving_shapes;
@@ -120,6 +121,16 @@ pub enum TrainingSet {
         channels: usize,
         vae: Option<Box<crate::vae::Vae>>,
     },
+    /// Captioned clips read batch by batch: `frames` frames every `stride`, centre-cropped to
+    /// `size`, VAE-encoded frame by frame when a VAE is given.
+    Clips {
+        folder: clips::ClipFolder,
+        size: usize,
+        channels: usize,
+        frames: usize,
+        stride: usize,
+        vae: Option<Box<crate::vae::Vae>>,
+    },
 }
 
 impl TrainingSet {
@@ -128,6 +139,7 @@ impl TrainingSet {
             Self::Images(d) => d.labels.len(),
             Self::Latents(s) => s.len(),
             Self::Folder { folder, .. } => folder.items.len(),
+            Self::Clips { folder, .. } => folder.items.len(),
         }
     }
 
@@ -140,6 +152,7 @@ impl TrainingSet {
             Self::Images(d) => d.num_classes,
             Self::Latents(s) => s.index.classes.len(),
             Self::Folder { folder, .. } => folder.classes.len(),
+            Self::Clips { .. } => 0,
         }
     }
 
@@ -149,6 +162,7 @@ impl TrainingSet {
             Self::Images(d) => d.captions.as_deref(),
             Self::Latents(s) => s.index.captions.as_deref(),
             Self::Folder { folder, .. } => folder.captions.as_deref(),
+            Self::Clips { folder, .. } => Some(&folder.captions),
         }
     }
 
@@ -156,6 +170,7 @@ impl TrainingSet {
     pub fn frames(&self) -> Result<Option<usize>> {
         Ok(match self {
             Self::Images(d) if d.images.rank() == 5 => Some(d.images.dim(2)?),
+            Self::Clips { frames, .. } => Some(*frames),
             _ => None,
         })
     }
@@ -166,6 +181,12 @@ impl TrainingSet {
             Self::Images(d) => (d.images.dim(1)?, d.images.dim(d.images.rank() - 1)?),
             Self::Latents(s) => (s.index.latent_shape[0], s.index.latent_shape[1]),
             Self::Folder {
+                size,
+                channels,
+                vae,
+                ..
+            }
+            | Self::Clips {
                 size,
                 channels,
                 vae,
@@ -214,19 +235,48 @@ impl TrainingSet {
                 let labels = idx.iter().map(|&i| folder.items[i].1).collect();
                 let c = if vae.is_some() { 3 } else { *channels };
                 let x = select_flipped(&folder::to_tensor(&images, c, device)?, &coins)?;
-                let x = match vae {
-                    // Latent noise seeded by the stream position: resumable like everything else.
-                    Some(vae) => {
-                        let mut rng = crate::rng::NoiseRng::new(splitmix64(seed ^ position as u64));
-                        vae.encode(&x.to_dtype(vae.dtype())?, &mut rng)?
-                            .to_dtype(candle_core::DType::F32)?
-                    }
-                    None => x,
-                };
-                Ok((x, labels))
+                Ok((encode(vae.as_deref(), x, seed, position)?, labels))
+            }
+            Self::Clips {
+                folder,
+                size,
+                channels,
+                frames,
+                stride,
+                vae,
+            } => {
+                let clips = idx
+                    .iter()
+                    .map(|&i| {
+                        clips::sample_frames(&folder.items[i].0, *frames, *stride, *size as u32)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let labels = idx.iter().map(|&i| folder.items[i].1).collect();
+                let c = if vae.is_some() { 3 } else { *channels };
+                let x = select_flipped(&clips::clips_to_tensor(&clips, c, device)?, &coins)?;
+                let (n, c, t, h, w) = x.dims5()?;
+                // Frame by frame through the VAE.
+                let frames = x.permute((0, 2, 1, 3, 4))?.reshape((n * t, c, h, w))?;
+                let z = encode(vae.as_deref(), frames, seed, position)?;
+                let (_, zc, zh, zw) = z.dims4()?;
+                let z = z.reshape((n, t, zc, zh, zw))?.permute((0, 2, 1, 3, 4))?;
+                Ok((z.contiguous()?, labels))
             }
         }
     }
+}
+
+/// Images (N, 3, H, W) through the VAE when there is one (latent noise seeded by the stream
+/// position: resumable like everything else), else as they are.
+fn encode(vae: Option<&crate::vae::Vae>, x: Tensor, seed: u64, position: usize) -> Result<Tensor> {
+    Ok(match vae {
+        Some(vae) => {
+            let mut rng = crate::rng::NoiseRng::new(splitmix64(seed ^ position as u64));
+            vae.encode(&x.to_dtype(vae.dtype())?, &mut rng)?
+                .to_dtype(candle_core::DType::F32)?
+        }
+        None => x,
+    })
 }
 
 /// Whether the sample at stream position `position` is mirrored (probability 1/2): a hash of
