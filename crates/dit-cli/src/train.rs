@@ -104,6 +104,10 @@ pub struct TrainArgs {
     /// themselves), for motion-free guidance (GenTron §3.3.2).
     #[arg(long, default_value_t = 0.1)]
     motion_free: f64,
+    /// Video models: joint image-video training; motion-free clips show their first frame
+    /// throughout (an image repeated over the frames).
+    #[arg(long)]
+    joint_images: bool,
     /// Captioned data: the text encoder folder or Hugging Face repo id (default: `$DIT_MINILM`, else the folder
     /// `tools/fetch-minilm.sh` writes, ~/.cache/dit/all-MiniLM-L6-v2); twice for GenTron's two
     /// encoders alternating over the blocks (the first also gives the pooled embedding: CLIP,
@@ -239,6 +243,7 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
         },
         compute_dtype: a.dtype.dtype_on(dev)?,
         motion_free: a.motion_free,
+        still_motion_free: a.joint_images,
         ..Default::default()
     };
     let (mut tr, mut pos) = match &a.resume {

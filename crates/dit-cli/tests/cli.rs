@@ -1496,7 +1496,11 @@ fn moving_shapes_train_a_video_model_that_samples_clips_and_is_scored() {
         train_tiny(&args)
     };
     let video = dir.path().join("video");
-    succeeds(&common("moving-shapes", &video, &["--motion-free", "0.5"]));
+    succeeds(&common(
+        "moving-shapes",
+        &video,
+        &["--motion-free", "0.5", "--joint-images"],
+    ));
     let ckpt = video.join("step-0000002");
     assert_eq!(state_of(&ckpt)["model"]["video"]["frames"], 3);
     // The grid: 8 captions x 3 frames of 8 px; the GIF beside it.

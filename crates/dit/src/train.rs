@@ -122,6 +122,9 @@ pub struct TrainConfig {
     /// themselves), GenTron's motion-free guidance; with an image repeated over the frames, this
     /// is joint image-video training.
     pub motion_free: f64,
+    /// Joint image-video training: a motion-free clip shows its first frame throughout (an
+    /// image repeated over the frames), so the model also learns still images.
+    pub still_motion_free: bool,
     /// Steps of linear learning-rate warm-up (0: none, as the paper).
     pub warmup_steps: usize,
     /// The regression loss on the prediction (the paper: MSE).
@@ -142,6 +145,7 @@ impl Default for TrainConfig {
             ema_decay: 0.9999,
             class_dropout: 0.1,
             motion_free: 0.1,
+            still_motion_free: false,
             warmup_steps: 0,
             loss: Default::default(),
             compute_dtype: DType::F32,
@@ -410,6 +414,11 @@ impl Trainer {
             }
         };
         let noise = noise_all.narrow(0, rows.start, rows.len())?;
+        let x0 = match (&y, self.cfg.still_motion_free) {
+            (ModelInput::Text(_, Some(motion)), true) => stills(x0, motion)?,
+            _ => x0.clone(),
+        };
+        let x0 = &x0;
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut total = Tensor::zeros((), DType::F32, x0.device())?;
         for start in (0..n).step_by(micro.max(1)) {
@@ -541,6 +550,15 @@ impl Trainer {
     }
 }
 
+/// Clips (N, C, T, H, W) where `motion[i]` is 0 replaced by their first frame repeated.
+fn stills(x0: &Tensor, motion: &[f32]) -> Result<Tensor> {
+    let first = x0.narrow(2, 0, 1)?.broadcast_as(x0.shape())?;
+    let keep = Tensor::new(motion, x0.device())?
+        .to_dtype(x0.dtype())?
+        .reshape((motion.len(), 1, 1, 1, 1))?;
+    Ok((first.broadcast_add(&(x0 - &first)?.broadcast_mul(&keep)?)?).contiguous()?)
+}
+
 /// What a checkpoint records besides tensors (written as `state.json`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CheckpointState {
@@ -659,6 +677,25 @@ pub fn batch_indices(n: usize, seed: u64, position: usize, batch: usize) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn motion_free_stills_repeat_the_first_frame_of_those_clips_only() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 2.0 * 3.0 * 2.0, &dev)
+            .unwrap()
+            .reshape((2, 1, 3, 2, 1))
+            .unwrap();
+        let s = stills(&x, &[1.0, 0.0]).unwrap();
+        assert_eq!(max_abs_diff(&s.get(0).unwrap(), &x.get(0).unwrap()), 0.0);
+        let second = s
+            .get(1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(second, [6.0, 7.0, 6.0, 7.0, 6.0, 7.0]);
+    }
     use crate::test_util::{max_abs, max_abs_diff};
 
     fn tiny() -> DiTConfig {
