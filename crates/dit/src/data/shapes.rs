@@ -127,7 +127,7 @@ fn nearest(palette: &[(&str, [u8; 3])], c: [f32; 3]) -> usize {
 }
 
 /// Reads a scene back from an RGB image (row-major, `size` x `size`): the background is the
-/// border's colour, the shape the pixels that differ from it; its colour is the nearest palette
+/// border's colour, the shape the largest connected region of pixels that differ from it; its colour is the nearest palette
 /// colour to their mean, its position the quadrant of their centroid, and its kind the share of
 /// its bounding box it fills (square 1, circle ~0.79 and at most 0.91 at small sizes, triangle ~0.5). `None` when no shape is
 /// visible.
@@ -169,20 +169,56 @@ pub(crate) fn find(img: &[u8], size: usize) -> Option<Found> {
     let bg_mean = border.map(|v| v / n);
     let background = nearest(&BACKGROUNDS, bg_mean);
     let bg = BACKGROUNDS[background].1.map(f32::from);
+    let differs = |x: usize, y: usize| {
+        let p = px(x, y);
+        (0..3).map(|c| (p[c] - bg[c]).powi(2)).sum::<f32>().sqrt() > 60.0
+    };
+    // The shape is the largest 4-connected region of such pixels: stray specks elsewhere (a
+    // generated image's noise) are not part of it.
+    let mut region = vec![0u32; size * size];
+    let (mut best, mut best_len) = (0u32, 0usize);
+    let mut next = 0u32;
+    for start in 0..size * size {
+        if region[start] != 0 || !differs(start % size, start / size) {
+            continue;
+        }
+        next += 1;
+        region[start] = next;
+        let (mut stack, mut len) = (vec![start], 0usize);
+        while let Some(i) = stack.pop() {
+            len += 1;
+            let (x, y) = (i % size, i / size);
+            let around = [
+                (x > 0).then(|| i - 1),
+                (x + 1 < size).then(|| i + 1),
+                (y > 0).then(|| i - size),
+                (y + 1 < size).then(|| i + size),
+            ];
+            for j in around.into_iter().flatten() {
+                if region[j] == 0 && differs(j % size, j / size) {
+                    region[j] = next;
+                    stack.push(j);
+                }
+            }
+        }
+        if len > best_len {
+            (best, best_len) = (next, len);
+        }
+    }
     let (mut sum, mut count) = ([0f32; 3], 0usize);
     let (mut sx, mut sy) = (0f32, 0f32);
     let (mut x0, mut y0, mut x1, mut y1) = (size, size, 0, 0);
     for y in 0..size {
         for x in 0..size {
-            let p = px(x, y);
-            let d: f32 = (0..3).map(|c| (p[c] - bg[c]).powi(2)).sum::<f32>().sqrt();
-            if d > 60.0 {
-                (0..3).for_each(|c| sum[c] += p[c]);
-                count += 1;
-                sx += x as f32;
-                sy += y as f32;
-                (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+            if best == 0 || region[y * size + x] != best {
+                continue;
             }
+            let p = px(x, y);
+            (0..3).for_each(|c| sum[c] += p[c]);
+            count += 1;
+            sx += x as f32;
+            sy += y as f32;
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
         }
     }
     if count < (size * size) / 100 {
@@ -340,6 +376,24 @@ mod tests {
         }
         // Renderings differ with the seed.
         assert_ne!(scenes[5].render(32, 1), scenes[5].render(32, 2));
+    }
+
+    #[test]
+    fn stray_specks_are_not_part_of_the_shape() {
+        // A green circle in the top left on black, with two specks of green in the far corner
+        // (a generated image's noise): still a circle in the top left, not a sparse "triangle"
+        // spanning the image.
+        let scene = Scene {
+            colour: 1,
+            shape: 0,
+            position: 0,
+            background: 0,
+        };
+        let mut img = scene.render(32, 4);
+        for (x, y) in [(29, 29), (27, 30)] {
+            img[(y * 32 + x) * 3..][..3].copy_from_slice(&COLOURS[1].1);
+        }
+        assert_eq!(analyse(&img, 32), Some(scene));
     }
 
     #[test]
