@@ -13,8 +13,9 @@ use crate::checkpoint::{expected_shapes, Tensors};
 use crate::config::DiTConfig;
 use crate::diffusion::GaussianDiffusion;
 use crate::distributed::{GradientReducer, SingleProcess};
-use crate::model::DiT;
+use crate::model::pack::{channels_first, patch_tokens};
 pub use crate::model::TextBatch;
+use crate::model::{DiT, PackedConditions, Packing};
 use crate::rng::NoiseRng;
 use crate::Result;
 
@@ -133,6 +134,9 @@ pub struct TrainConfig {
     /// precision, as torch's autocast: the weights, their gradients, the optimiser moments and
     /// the EMA stay f32; each step computes with bf16 casts of the weights (GPU only).
     pub compute_dtype: DType,
+    /// Packed training (patch n' pack): the share of each image's patches left out
+    /// (NaViT's token dropping; 0: none).
+    pub token_drop: f64,
 }
 
 impl Default for TrainConfig {
@@ -149,6 +153,7 @@ impl Default for TrainConfig {
             warmup_steps: 0,
             loss: Default::default(),
             compute_dtype: DType::F32,
+            token_drop: 0.0,
         }
     }
 }
@@ -395,24 +400,8 @@ impl Trainer {
         )?)?;
         let t = &t_all[rows.clone()];
         let drop = &dropped[rows.clone()];
-        let y = match cond {
-            Conditions::Labels(labels) => {
-                let null = self.model.null_class() as u32;
-                let y = labels.iter().zip(drop);
-                ModelInput::Labels(y.map(|(&l, &d)| if d { null } else { l as u32 }).collect())
-            }
-            Conditions::Text(text) => {
-                let empty = self.empty_prompt.as_ref().ok_or_else(|| {
-                    crate::Error::Input(
-                        "text training needs the empty prompt's encoding (Trainer::empty_prompt) \
-                         for text dropout"
-                            .into(),
-                    )
-                })?;
-                let motion = motion.map(|m| m[rows.clone()].to_vec());
-                ModelInput::Text(text.with_dropped(drop, empty)?, motion)
-            }
-        };
+        let motion = motion.map(|m| m[rows.clone()].to_vec());
+        let y = self.model_input(cond, drop, motion)?;
         let noise = noise_all.narrow(0, rows.start, rows.len())?;
         let x0 = match (&y, self.cfg.still_motion_free) {
             (ModelInput::Text(_, Some(motion)), true) => stills(x0, motion)?,
@@ -431,23 +420,71 @@ impl Trainer {
                 &y.narrow(start, len)?,
             )?;
             total = (total + (loss.detach() * share)?)?;
-            let store = loss.backward()?;
-            for (name, var) in &self.params {
-                let Some(g) = store.get(var.as_tensor()) else {
-                    continue;
-                };
-                let g = if len == global {
-                    g.clone()
-                } else {
-                    (g * share)?
-                };
-                let sum = match grads.remove(name) {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                };
-                grads.insert(name.clone(), sum.detach());
-            }
+            self.accumulate_gradients(&loss, (len != global).then_some(share), &mut grads)?;
         }
+        self.apply_gradients(grads, total, reducer)
+    }
+
+    /// Conditions after dropout (`drop`: the rows whose label or prompt is dropped), as the
+    /// model takes them, with a video model's motion flags.
+    fn model_input(
+        &self,
+        cond: Conditions,
+        drop: &[bool],
+        motion: Option<Vec<f32>>,
+    ) -> Result<ModelInput> {
+        Ok(match cond {
+            Conditions::Labels(labels) => {
+                let null = self.model.null_class() as u32;
+                let y = labels.iter().zip(drop);
+                ModelInput::Labels(y.map(|(&l, &d)| if d { null } else { l as u32 }).collect())
+            }
+            Conditions::Text(text) => {
+                let empty = self.empty_prompt.as_ref().ok_or_else(|| {
+                    crate::Error::Input(
+                        "text training needs the empty prompt's encoding (Trainer::empty_prompt) \
+                         for text dropout"
+                            .into(),
+                    )
+                })?;
+                ModelInput::Text(text.with_dropped(drop, empty)?, motion)
+            }
+        })
+    }
+
+    /// Adds the gradients of `loss` (scaled by `share` when given) to `grads`.
+    fn accumulate_gradients(
+        &self,
+        loss: &Tensor,
+        share: Option<f64>,
+        grads: &mut HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let store = loss.backward()?;
+        for (name, var) in &self.params {
+            let Some(g) = store.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = match share {
+                None => g.clone(),
+                Some(share) => (g * share)?,
+            };
+            let sum = match grads.remove(name) {
+                Some(acc) => (acc + g)?,
+                None => g,
+            };
+            grads.insert(name.clone(), sum.detach());
+        }
+        Ok(())
+    }
+
+    /// Sums the gradients and the loss `total` over the workers, then the AdamW update and the
+    /// EMA. Returns the (global) loss.
+    fn apply_gradients(
+        &mut self,
+        mut grads: HashMap<String, Tensor>,
+        mut total: Tensor,
+        reducer: &dyn GradientReducer,
+    ) -> Result<f32> {
         {
             // Summed over the workers (a no-op for a single process): the same names in the
             // same (sorted) order on every worker, the loss last.
@@ -476,6 +513,129 @@ impl Trainer {
             self.ema.insert(name.clone(), e.detach());
         }
         Ok(total)
+    }
+
+    /// One step on images of mixed sizes (each (1, C, H_i, W_i), sides multiples of the patch)
+    /// run packed into sequences of `seq_len` tokens (patch n' pack; `seq_len` 0: the padded
+    /// baseline, one image per sequence). With [`TrainConfig::token_drop`] that share of each
+    /// image's patches is left out and its loss covers the kept ones. The loss is each image's
+    /// hybrid loss, averaged over the images; timesteps, dropout and noise are drawn per image.
+    pub fn step_packed(
+        &mut self,
+        images: &[Tensor],
+        cond: Conditions,
+        seq_len: usize,
+    ) -> Result<f32> {
+        let n = images.len();
+        let conds = match cond {
+            Conditions::Labels(l) => l.len(),
+            Conditions::Text(t) => t.len()?,
+        };
+        if n == 0 || conds != n {
+            return Err(crate::Error::Input(format!(
+                "a packed step takes images and their conditions, one each: {n} images, {conds} conditions"
+            )));
+        }
+        if self.cfg.compute_dtype != DType::F32 {
+            return Err(crate::Error::Input("packed training runs in f32".into()));
+        }
+        let t: Vec<usize> = (0..n)
+            .map(|_| self.rng.below(self.diffusion.num_timesteps()))
+            .collect();
+        let dropped: Vec<bool> = (0..n)
+            .map(|_| self.rng.uniform() < self.cfg.class_dropout)
+            .collect();
+        let noise = images
+            .iter()
+            .map(|x| self.rng.randn_like(x))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let p = self.model.config.patch_size;
+        let counts: Vec<usize> = images
+            .iter()
+            .map(|x| Ok((x.dim(2)? / p) * (x.dim(3)? / p)))
+            .collect::<Result<_>>()?;
+        let keep = match self.cfg.token_drop {
+            0.0 => None,
+            f => Some(
+                counts
+                    .iter()
+                    .map(|&c| {
+                        let k = crate::model::pack::keep_tokens(&mut self.rng, c, f);
+                        Tensor::new(k.as_slice(), images[0].device())
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            ),
+        };
+        let counts: Vec<usize> = match &keep {
+            Some(k) => k.iter().map(|k| k.elem_count()).collect(),
+            None => counts,
+        };
+        let packing = match seq_len {
+            0 => Packing::padded(&counts)?,
+            l => Packing::greedy(&counts, l)?,
+        };
+        let y = self.model_input(cond, &dropped, None)?;
+        let loss = self.loss_packed(images, &t, &noise, &y, keep.as_deref(), &packing)?;
+        let mut grads = HashMap::new();
+        self.accumulate_gradients(&loss, None, &mut grads)?;
+        self.apply_gradients(grads, loss.detach(), &SingleProcess)
+    }
+
+    /// The packed step's loss: each image noised at its step, the model run on the packed
+    /// batch, each image's hybrid loss over its (kept) patches, averaged over the images.
+    fn loss_packed(
+        &self,
+        images: &[Tensor],
+        t: &[usize],
+        noise: &[Tensor],
+        y: &ModelInput,
+        keep: Option<&[Tensor]>,
+        packing: &Packing,
+    ) -> Result<Tensor> {
+        let d = &self.diffusion;
+        let x_t = images
+            .iter()
+            .zip(noise)
+            .zip(t)
+            .map(|((x, e), &t)| d.q_sample(x, &[t], e))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let dev = images[0].device();
+        let timesteps = d.model_timesteps(t, dev)?;
+        let labels;
+        let sets;
+        let cond = match y {
+            ModelInput::Labels(y) => {
+                labels = Tensor::new(y.as_slice(), dev)?;
+                PackedConditions::Labels(&labels)
+            }
+            ModelInput::Text(text, _) => {
+                sets = text.token_sets();
+                PackedConditions::Text {
+                    texts: &sets,
+                    pooled: &text.pooled,
+                }
+            }
+        };
+        let out = self
+            .model
+            .forward_packed_tokens(&x_t, keep, &timesteps, cond, packing)?;
+        let (c, p) = (self.model.config.in_channels, self.model.config.patch_size);
+        let c_out = self.model.config.out_channels();
+        let losses = (0..images.len())
+            .map(|i| {
+                let kept = keep.map(|k| &k[i]);
+                let view = |x: &Tensor| channels_first(&patch_tokens(x, p, kept)?, c);
+                let terms = d.training_losses(
+                    &channels_first(&out[i], c_out)?,
+                    &view(&images[i])?,
+                    &view(&x_t[i])?,
+                    &view(&noise[i])?,
+                    &t[i..i + 1],
+                )?;
+                Ok(terms.loss)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&losses, 0)?.mean_all()?)
     }
 
     /// The hybrid loss, averaged over the batch, for given timesteps, noise and labels (after

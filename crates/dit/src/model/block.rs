@@ -13,6 +13,7 @@ use candle_core::{Module, Result, Tensor, D};
 use crate::config::BlockDesign;
 use candle_nn::VarBuilder;
 
+use super::pack::Routing;
 use crate::gemm_bf16::{linear, Linear};
 // norm_modulate(x, shift, scale) = LayerNorm(x) * (1 + scale) + shift (no affine, eps 1e-6),
 // the adaLN of the paper, fused into one pass.
@@ -43,7 +44,21 @@ impl Attention {
 
 impl Module for Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let out = crate::ops::self_attention(&self.qkv.forward(x)?, self.num_heads)?;
+        self.forward_packed(x, None)
+    }
+}
+
+impl Attention {
+    /// Self-attention over each row of x (N, T, D), or, for a packed batch, over each image's
+    /// segment only: the block-diagonal mask, computed block by block.
+    pub fn forward_packed(&self, x: &Tensor, packed: Option<&Routing>) -> Result<Tensor> {
+        let qkv = self.qkv.forward(x)?;
+        let out = match packed {
+            None => crate::ops::self_attention(&qkv, self.num_heads)?,
+            Some(r) => r.packing.per_segment(&qkv, |seg, _| {
+                crate::ops::self_attention(seg, self.num_heads)
+            })?,
+        };
         self.proj.forward(&out)
     }
 }
@@ -152,6 +167,34 @@ pub struct Condition<'a> {
     pub tokens: &'a Tensor,
     pub text: Option<TextTokens<'a>>,
     pub frames: Option<Frames<'a>>,
+    /// A packed batch (x is (sequences, seq_len, D); c and the text hold one row per image).
+    pub packed: Option<&'a Routing>,
+}
+
+impl Condition<'_> {
+    /// adaLN chunks (N, D) of the images, as rows for [`Self::rows`]: per token when packed.
+    fn route(&self, chunks: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        match self.packed {
+            None => Ok(chunks),
+            Some(r) => chunks.iter().map(|m| r.route(m)).collect(),
+        }
+    }
+
+    /// x as the fused per-sample ops take it: unchanged, or one token per row when packed.
+    fn rows(&self, x: &Tensor) -> Result<Tensor> {
+        match self.packed {
+            None => Ok(x.clone()),
+            Some(r) => r.rows(x),
+        }
+    }
+
+    /// The inverse of [`Self::rows`].
+    fn unrows(&self, x: Tensor) -> Result<Tensor> {
+        match self.packed {
+            None => Ok(x),
+            Some(r) => r.unrows(&x),
+        }
+    }
 }
 
 /// How the rows of a video model's batch form clips: `count` consecutive rows (frames) per clip,
@@ -326,9 +369,17 @@ impl DiTBlock {
     fn attend_to_text(&self, x: Tensor, cond: &Condition) -> Result<Tensor> {
         match (&self.text, cond.text) {
             (Some(t), Some(text)) => {
-                &x + t
-                    .attn
-                    .forward(&t.norm.forward(&x)?, text.tokens, text.mask)?
+                let h = t.norm.forward(&x)?;
+                let h = match cond.packed {
+                    None => t.attn.forward(&h, text.tokens, text.mask)?,
+                    // Each image's tokens attend to its own prompt.
+                    Some(r) => r.packing.per_segment(&h, |seg, image| {
+                        let mask = text.mask.map(|m| m.narrow(0, image, 1)).transpose()?;
+                        t.attn
+                            .forward(seg, &text.tokens.narrow(0, image, 1)?, mask.as_ref())
+                    })?,
+                };
+                &x + h
             }
             (Some(_), None) => candle_core::bail!("a text-conditioned block needs text tokens"),
             (None, _) => Ok(x),
@@ -342,27 +393,30 @@ impl DiTBlock {
                 modulation,
                 gated: true,
             } => {
-                let m = ada_ln_chunks(modulation, cond.c, 6)?;
+                let m = cond.route(ada_ln_chunks(modulation, cond.c, 6)?)?;
                 let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
                 let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
                 // x + gate * attn(modulate(norm(x))), then the same with the MLP.
-                let h = self
-                    .attn
-                    .forward(&norm_modulate(x, shift_msa, scale_msa)?)?;
-                let x = self.attend_to_text(gated_residual(x, gate_msa, &h)?, cond)?;
-                let x = self.attend_across_frames(x, cond)?;
+                let rows = cond.rows(x)?;
+                let h = cond.unrows(norm_modulate(&rows, shift_msa, scale_msa)?)?;
+                let h = cond.rows(&self.attn.forward_packed(&h, cond.packed)?)?;
+                let x = cond.unrows(gated_residual(&rows, gate_msa, &h)?)?;
+                let x = self.attend_to_text(x, cond)?;
+                let rows = cond.rows(&self.attend_across_frames(x, cond)?)?;
                 let h = self
                     .mlp
-                    .forward(&norm_modulate(&x, shift_mlp, scale_mlp)?)?;
-                gated_residual(&x, gate_mlp, &h)
+                    .forward(&norm_modulate(&rows, shift_mlp, scale_mlp)?)?;
+                cond.unrows(gated_residual(&rows, gate_mlp, &h)?)
             }
             Conditioning::AdaLn {
                 modulation,
                 gated: false,
             } => {
-                let m = ada_ln_chunks(modulation, cond.c, 4)?;
-                let x = (x + self.attn.forward(&norm_modulate(x, &m[0], &m[1])?)?)?;
-                &x + self.mlp.forward(&norm_modulate(&x, &m[2], &m[3])?)?
+                let m = cond.route(ada_ln_chunks(modulation, cond.c, 4)?)?;
+                let h = cond.unrows(norm_modulate(&cond.rows(x)?, &m[0], &m[1])?)?;
+                let x = (x + self.attn.forward_packed(&h, cond.packed)?)?;
+                let rows = cond.rows(&x)?;
+                cond.unrows((&rows + self.mlp.forward(&norm_modulate(&rows, &m[2], &m[3])?)?)?)
             }
             Conditioning::CrossAttention { norms, cross } => {
                 let x = (x + self.attn.forward(&norms[0].forward(x)?)?)?;
@@ -410,12 +464,27 @@ impl FinalLayer {
     }
 
     pub fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
-        let h = match &self.norm {
-            FinalNorm::AdaLn(modulation) => {
+        self.forward_packed(x, c, None)
+    }
+
+    /// [`Self::forward`] on a packed batch: each image's shift and scale routed to its tokens.
+    pub fn forward_packed(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        packed: Option<&Routing>,
+    ) -> Result<Tensor> {
+        let h = match (&self.norm, packed) {
+            (FinalNorm::AdaLn(modulation), None) => {
                 let m = ada_ln_chunks(modulation, c, 2)?;
                 norm_modulate(x, &m[0], &m[1])?
             }
-            FinalNorm::Affine(norm) => norm.forward(x)?,
+            (FinalNorm::AdaLn(modulation), Some(r)) => {
+                let m = ada_ln_chunks(modulation, c, 2)?;
+                let (shift, scale) = (r.route(&m[0])?, r.route(&m[1])?);
+                r.unrows(&norm_modulate(&r.rows(x)?, &shift, &scale)?)?
+            }
+            (FinalNorm::Affine(norm), _) => norm.forward(x)?,
         };
         self.linear.forward(&h)
     }

@@ -1,7 +1,7 @@
 //! The Diffusion Transformer: patchify, add positions, condition on timestep + class through
 //! the blocks (adaLN-Zero, or one of the paper's other designs), final layer, unpatchify.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::block::{Condition, DiTBlock, FinalLayer, Frames, TextTokens};
@@ -9,6 +9,7 @@ use super::embed::{
     sincos_2d, sincos_3d, sincos_table, unpatchify_tubes, LabelEmbedder, PatchEmbed,
     PooledTextEmbedder, TimestepEmbedder, TubeEmbed,
 };
+use super::pack::{Packing, Routing};
 use crate::config::BlockDesign;
 use crate::config::DiTConfig;
 
@@ -254,14 +255,21 @@ impl DiT {
         pooled: &Tensor,
         motion: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (Some(pooled_embedder), Some(tc)) = (&self.pooled_embedder, self.config.text) else {
-            candle_core::bail!("a class-conditional model takes labels: use forward");
-        };
         if motion.is_some() && !self.config.temporal_attention() {
             candle_core::bail!(
                 "motion flags need a video model with temporal attention (spacetime-patch models attend over all frames at once)"
             );
         }
+        let (pooled, tokens) = self.embed_text(texts, pooled)?;
+        let texts = with_tokens(texts, &tokens);
+        self.forward_conditioned(x, t, &pooled, &texts, motion)
+    }
+
+    /// A text model's pooled embedding (N, D) and its encoders' tokens in the model's dtype.
+    fn embed_text(&self, texts: &[TextTokens], pooled: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let (Some(pooled_embedder), Some(tc)) = (&self.pooled_embedder, self.config.text) else {
+            candle_core::bail!("a class-conditional model takes labels: use forward");
+        };
         if texts.len() != tc.encoders() {
             candle_core::bail!(
                 "the model reads {} text encoder(s), given {}",
@@ -273,15 +281,77 @@ impl DiT {
             .iter()
             .map(|t| t.tokens.to_dtype(self.dtype()))
             .collect::<Result<Vec<_>>>()?;
-        let texts: Vec<TextTokens> = texts
-            .iter()
-            .zip(&tokens)
-            .map(|(t, tokens)| TextTokens {
-                tokens,
-                mask: t.mask,
-            })
-            .collect();
-        self.forward_conditioned(x, t, &pooled_embedder.forward(pooled)?, &texts, motion)
+        Ok((pooled_embedder.forward(pooled)?, tokens))
+    }
+
+    /// Patchify with positions: images (N, C, H, W), each frame of clips (N, C, T, H, W), or
+    /// their spacetime tubes. Returns the tokens, the frames per sample that travel as rows of
+    /// their own (1 but for per-frame video), and the token grid (frames, rows, columns).
+    fn embed(&self, x: &Tensor) -> Result<(Tensor, usize, (usize, usize, usize))> {
+        let p = self.config.patch_size;
+        let (h, w) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+        if !h.is_multiple_of(p) || !w.is_multiple_of(p) {
+            candle_core::bail!(
+                "input of shape {:?}: height and width must be multiples of the patch size {p}",
+                x.dims()
+            );
+        }
+        let x = x.to_dtype(self.dtype())?;
+        Ok(match (&self.x_embedder, x.dims()) {
+            (Embedder::Tubes(tubes), &[_, _, f, h, w]) => {
+                let pt = self.config.tubelet();
+                if !f.is_multiple_of(pt) {
+                    candle_core::bail!("{f} frames do not split into spacetime patches of {pt}");
+                }
+                let grid = (f / pt, h / p, w / p);
+                let pos = sincos_3d(self.config.hidden_size, grid, x.device(), self.dtype())?;
+                (tubes.forward(&x)?.broadcast_add(&pos)?, 1, grid)
+            }
+            (Embedder::Patches(patches), &[n, c, f, h, w]) => {
+                let x = x.permute((0, 2, 1, 3, 4))?.reshape((n * f, c, h, w))?;
+                let x = patches
+                    .forward(&x)?
+                    .broadcast_add(&self.positions(h / p, w / p)?)?;
+                (x, f, (1, h / p, w / p))
+            }
+            (Embedder::Patches(patches), &[_, _, h, w]) => {
+                let x = patches
+                    .forward(&x)?
+                    .broadcast_add(&self.positions(h / p, w / p)?)?;
+                (x, 1, (1, h / p, w / p))
+            }
+            _ => candle_core::bail!("input of shape {:?} does not fit the model", x.dims()),
+        })
+    }
+
+    /// The token grid (frames, rows, columns) of an input ([`Self::embed`]'s third value).
+    fn grid_of(&self, x: &Tensor) -> Result<(usize, usize, usize)> {
+        let p = self.config.patch_size;
+        let (h, w) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+        let frames = match (&self.x_embedder, x.rank()) {
+            (Embedder::Tubes(_), 5) => x.dim(2)? / self.config.tubelet(),
+            _ => 1,
+        };
+        Ok((frames, h / p, w / p))
+    }
+
+    /// The final layer's tokens back to images (N, C, H, W) or clips (N, C, T, H, W).
+    fn unembed(&self, x: &Tensor, frames: usize, grid: (usize, usize, usize)) -> Result<Tensor> {
+        let (c, p) = (self.config.out_channels(), self.config.patch_size);
+        if let Embedder::Tubes(_) = self.x_embedder {
+            return unpatchify_tubes(x, c, self.config.tubelet(), p, grid);
+        }
+        let out = self.unpatchify(x, grid.1, grid.2)?;
+        match self.config.video {
+            // (N*T, C, H, W) -> (N, C, T, H, W)
+            Some(_) => {
+                let (nt, c, h, w) = out.dims4()?;
+                out.reshape((nt / frames, frames, c, h, w))?
+                    .permute((0, 2, 1, 3, 4))?
+                    .contiguous()
+            }
+            None => Ok(out),
+        }
     }
 
     /// The network given the condition's embedding `y_emb` (label or pooled text), added to the
@@ -301,30 +371,7 @@ impl DiT {
                 x.dims()
             );
         }
-        // Patchify: an image, each frame of a clip, or a clip's spacetime tubes.
-        let p = self.config.patch_size;
-        let x = x.to_dtype(self.dtype())?;
-        let (x, frames, grid) = match (&self.x_embedder, x.dims()) {
-            (Embedder::Tubes(tubes), &[_, _, f, h, w]) => {
-                let pt = self.config.tubelet();
-                if !f.is_multiple_of(pt) {
-                    candle_core::bail!("{f} frames do not split into spacetime patches of {pt}");
-                }
-                let grid = (f / pt, h / p, w / p);
-                let pos = sincos_3d(self.config.hidden_size, grid, x.device(), self.dtype())?;
-                (tubes.forward(&x)?.broadcast_add(&pos)?, 1, grid)
-            }
-            (Embedder::Patches(patches), &[n, c, f, h, w]) => {
-                let x = x.permute((0, 2, 1, 3, 4))?.reshape((n * f, c, h, w))?;
-                let x = patches.forward(&x)?.broadcast_add(&self.pos_embed)?;
-                (x, f, (1, h / p, w / p))
-            }
-            (Embedder::Patches(patches), &[_, _, h, w]) => {
-                let x = patches.forward(&x)?.broadcast_add(&self.pos_embed)?;
-                (x, 1, (1, h / p, w / p))
-            }
-            _ => candle_core::bail!("input of shape {:?} does not fit the model", x.dims()),
-        };
+        let (x, frames, grid) = self.embed(x)?;
         let t_emb = per_frame(&self.t_embedder.forward(t)?, frames)?;
         let y_emb = per_frame(y_emb, frames)?;
         let c = (&t_emb + &y_emb)?;
@@ -361,6 +408,7 @@ impl DiT {
                 positions,
                 motion,
             }),
+            packed: None,
         };
         let in_context = self.config.block == BlockDesign::InContext;
         let mut x = match in_context {
@@ -376,21 +424,122 @@ impl DiT {
             x = x.narrow(1, extra, x.dim(1)? - extra)?;
         }
         let x = self.final_layer.forward(&x, &c)?;
-        if let Embedder::Tubes(_) = self.x_embedder {
-            let (c, pt) = (self.config.out_channels(), self.config.tubelet());
-            return unpatchify_tubes(&x, c, pt, p, grid);
+        self.unembed(&x, frames, grid)
+    }
+
+    /// Patch n' pack: images (each (1, C, H_i, W_i), any sizes that are multiples of the patch;
+    /// for a spacetime-patch model clips (1, C, T_i, H_i, W_i)) run as the few sequences of
+    /// `packing` (built from their token counts, e.g. [`Packing::greedy`]). Each image attends
+    /// only to itself and is conditioned on its own timestep `t[i]` and `cond` row, so its
+    /// output equals running it alone. Returns the outputs, shaped as the inputs.
+    pub fn forward_packed(
+        &self,
+        images: &[Tensor],
+        t: &Tensor,
+        cond: PackedConditions,
+        packing: &Packing,
+    ) -> Result<Vec<Tensor>> {
+        let tokens = self.forward_packed_tokens(images, None, t, cond, packing)?;
+        images
+            .iter()
+            .zip(&tokens)
+            .map(|(x, tok)| self.unembed(tok, 1, self.grid_of(x)?))
+            .collect()
+    }
+
+    /// [`Self::forward_packed`] with token dropping (`keep[i]`: the kept patches of image i,
+    /// u32 row-major indices; the packing counts kept tokens), returning each image's output
+    /// tokens (1, kept, p*p*C_out) ([`super::pack::channels_first`] views them as the losses
+    /// take images).
+    pub fn forward_packed_tokens(
+        &self,
+        images: &[Tensor],
+        keep: Option<&[Tensor]>,
+        t: &Tensor,
+        cond: PackedConditions,
+        packing: &Packing,
+    ) -> Result<Vec<Tensor>> {
+        if self.config.temporal_attention() {
+            candle_core::bail!(
+                "packing runs image models and spacetime-patch video models; a model with temporal attention takes clips of one shape (forward_text)"
+            );
         }
-        let out = self.unpatchify(&x, grid.1, grid.2)?;
-        match self.config.video {
-            // (N*T, C, H, W) -> (N, C, T, H, W)
-            Some(_) => {
-                let (nt, c, h, w) = out.dims4()?;
-                out.reshape((nt / frames, frames, c, h, w))?
-                    .permute((0, 2, 1, 3, 4))?
-                    .contiguous()
+        if !self.config.block.uses_ada_ln() {
+            candle_core::bail!(
+                "packing routes the adaLN conditioning of each image to its tokens; the {:?} design has none",
+                self.config.block
+            );
+        }
+        let n = images.len();
+        if n != packing.images() || t.dim(0)? != n || keep.is_some_and(|k| k.len() != n) {
+            candle_core::bail!(
+                "{n} images, {} timesteps, {} keep lists for a packing of {} images",
+                t.dim(0)?,
+                keep.map_or(n, |k| k.len()),
+                packing.images()
+            );
+        }
+        let tokens = images
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if x.dim(0)? != 1 {
+                    candle_core::bail!(
+                        "packed image {i} has shape {:?}: one per tensor, (1, C, H, W)",
+                        x.dims()
+                    );
+                }
+                let (tok, _, _) = self.embed(x)?;
+                match keep {
+                    Some(k) => tok.index_select(&k[i], 1),
+                    None => Ok(tok),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let x = packing.pack(&tokens)?;
+        let routing = Routing::new(packing.clone(), x.device())?;
+        let (y_emb, text_tokens) = match cond {
+            PackedConditions::Labels(y) => {
+                let Some(y_embedder) = &self.y_embedder else {
+                    candle_core::bail!(
+                        "a text-conditioned model takes text: PackedConditions::Text"
+                    );
+                };
+                (y_embedder.forward(y)?, Vec::new())
             }
-            None => Ok(out),
+            PackedConditions::Text { texts, pooled } => self.embed_text(texts, pooled)?,
+        };
+        let texts = match cond {
+            PackedConditions::Text { texts, .. } => with_tokens(texts, &text_tokens),
+            PackedConditions::Labels(_) => Vec::new(),
+        };
+        let t_emb = self.t_embedder.forward(t)?;
+        let c = (&t_emb + &y_emb)?;
+        let tokens = Tensor::stack(&[&t_emb, &y_emb], 1)?;
+        let cond = Condition {
+            c: &c,
+            tokens: &tokens,
+            text: None,
+            frames: None,
+            packed: Some(&routing),
+        };
+        let mut x = x;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let text = (!texts.is_empty()).then(|| texts[i % texts.len()]);
+            x = block.forward(&x, &Condition { text, ..cond })?;
         }
+        let x = self.final_layer.forward_packed(&x, &c, Some(&routing))?;
+        packing.unpack(&x)
+    }
+
+    /// The 2-D sin-cos positions of an h x w patch grid: the config's table for its own grid,
+    /// computed for any other, so one model runs at several sizes and aspect ratios.
+    fn positions(&self, h: usize, w: usize) -> Result<Tensor> {
+        let g = self.config.grid_size();
+        if (h, w) == (g, g) {
+            return Ok(self.pos_embed.clone());
+        }
+        sincos_2d(self.config.hidden_size, h, w, self.device(), self.dtype())
     }
 
     /// Classifier-free guidance in one batched forward pass: the conditional and null-class
@@ -516,6 +665,30 @@ impl DiT {
             .permute((0, 5, 1, 3, 2, 4))?
             .reshape((n, c, h * p, w * p))
     }
+}
+
+/// What the images of a packed batch are conditioned on, one row per image: class labels (N,)
+/// u32 (the null class allowed), or each text encoder's tokens and mask with the pooled
+/// embedding, as [`DiT::forward_text`] takes them.
+#[derive(Clone, Copy)]
+pub enum PackedConditions<'a> {
+    Labels(&'a Tensor),
+    Text {
+        texts: &'a [TextTokens<'a>],
+        pooled: &'a Tensor,
+    },
+}
+
+/// `texts` with their tokens replaced by `tokens` (the same masks).
+fn with_tokens<'a>(texts: &[TextTokens<'a>], tokens: &'a [Tensor]) -> Vec<TextTokens<'a>> {
+    texts
+        .iter()
+        .zip(tokens)
+        .map(|(t, tokens)| TextTokens {
+            tokens,
+            mask: t.mask,
+        })
+        .collect()
 }
 
 /// Rows (N, ...) repeated for each of `frames` consecutive frames: (N * frames, ...).

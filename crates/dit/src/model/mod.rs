@@ -3,7 +3,9 @@
 pub mod block;
 pub mod dit;
 pub mod embed;
+pub mod pack;
 
 pub use block::{DiTBlock, FinalLayer, TextTokens};
-pub use dit::{DiT, GuidedChannels, SecondText, TextBatch};
+pub use dit::{DiT, GuidedChannels, PackedConditions, SecondText, TextBatch};
 pub use embed::{LabelEmbedder, PatchEmbed, PooledTextEmbedder, TimestepEmbedder};
+pub use pack::{Packing, Segment};
