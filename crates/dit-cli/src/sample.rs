@@ -180,6 +180,33 @@ pub struct SampleArgs {
     /// (a row of frames per clip) and an animated GIF beside it (OUT with .gif).
     #[arg(long)]
     frames: Option<usize>,
+    /// Image height in pixels (default: the model's trained size). Any multiple of the patch
+    /// (x 8 for latent models) works: positions are computed for the grid sampled.
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels (default: the model's trained size).
+    #[arg(long)]
+    width: Option<usize>,
+}
+
+impl SampleArgs {
+    /// The sample's latent height and width (pixels, for pixel-space models) from `--height` and
+    /// `--width`, else the model's trained size.
+    fn latent_size(&self, cfg: &DiTConfig) -> Result<(usize, usize)> {
+        let scale = if cfg.in_channels == 4 { 8 } else { 1 };
+        let unit = scale * cfg.patch_size;
+        let side = |px: Option<usize>, name: &str| -> Result<usize> {
+            match px {
+                None => Ok(cfg.input_size),
+                Some(px) if px > 0 && px.is_multiple_of(unit) => Ok(px / scale),
+                Some(px) => bail!(
+                    "--{name} {px}: must be a positive multiple of {unit} pixels (this model's patch, {} x {scale})",
+                    cfg.patch_size
+                ),
+            }
+        };
+        Ok((side(self.height, "height")?, side(self.width, "width")?))
+    }
 }
 
 impl ModelArgs {
@@ -273,7 +300,8 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
     dit::pipeline::check_labels(&model, &labels)?;
     let n = labels.len();
     let mut rng = NoiseRng::new(a.seed);
-    let shape = (n, cfg.in_channels, cfg.input_size, cfg.input_size);
+    let (h, w) = a.latent_size(&cfg)?;
+    let shape = (n, cfg.in_channels, h, w);
     let noise = match &a.noise {
         Some(p) => {
             let t = Tensor::read_npy(p)
@@ -309,7 +337,8 @@ fn run_text(
     let cfg = &model.config;
     let n = prompts.len();
     let mut rng = NoiseRng::new(a.seed);
-    let mut shape = vec![n, cfg.in_channels, cfg.input_size, cfg.input_size];
+    let (h, w) = a.latent_size(cfg)?;
+    let mut shape = vec![n, cfg.in_channels, h, w];
     match (cfg.video, a.frames) {
         (Some(v), frames) => shape.insert(2, frames.unwrap_or(v.frames).max(1)),
         (None, Some(_)) => bail!("--frames is for video models; this one makes images"),

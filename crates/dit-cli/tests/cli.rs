@@ -536,14 +536,42 @@ fn config_that_disagrees_names_the_tensor_and_both_shapes() {
 fn wrong_noise_shape() {
     let dir = tempfile::tempdir().unwrap();
     let noise = dir.path().join("noise.npy");
-    Tensor::zeros((2, 4, 8, 8), candle_core::DType::F32, &Device::Cpu)
+    Tensor::zeros((2, 3, 8, 8), candle_core::DType::F32, &Device::Cpu)
         .unwrap()
         .write_npy(&noise)
         .unwrap();
     let out = sample_c10(&["--labels", "1,2", "--noise", p(&noise)]);
     fails_with(
         &out,
-        "noise has shape [2, 4, 8, 8] but 2 samples of this model need [2, 4, 16, 16]",
+        "noise has shape [2, 3, 8, 8] but 2 samples of this model need (N, C, H, W) with N = 2, C = 4",
+    );
+}
+
+#[test]
+fn samples_at_other_sizes_and_aspect_ratios() {
+    // The embedded model (28 x 28 digits, patch 4) sampled 28 high and 44 wide.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dit(&[
+        "sample",
+        "--labels",
+        "3,5",
+        "--steps",
+        "4",
+        "--height",
+        "28",
+        "--width",
+        "44",
+        "--out",
+        p(&dir.path().join("grid.png")),
+        "--out-dir",
+        p(dir.path()),
+    ]);
+    succeeds(&out);
+    let one = image::open(dir.path().join("000000.png")).unwrap();
+    assert_eq!((one.height(), one.width()), (28, 44));
+    fails_with(
+        &dit(&["sample", "--steps", "2", "--width", "30"]),
+        "--width 30: must be a positive multiple of 4 pixels",
     );
 }
 

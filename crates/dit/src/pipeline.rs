@@ -48,28 +48,25 @@ pub fn check_labels(model: &DiT, labels: &[usize]) -> Result<()> {
     }
 }
 
-/// Checks a starting noise array against the model's latent shape for `n` samples (clips of
-/// any frame count for a video model).
+/// Checks a starting noise array against the model's latents for `n` samples: images
+/// (N, C, H, W), or clips (N, C, T, H, W) of any frame count for a video model, at any height and
+/// width that are multiples of the patch (the positions are computed for the grid).
 pub fn check_noise(model: &DiT, noise: &Tensor, n: usize) -> Result<()> {
     let c = &model.config;
-    let (want, layout) = match (c.video, noise.dims()) {
-        (Some(_), &[_, _, f, _, _]) if f > 0 => (
-            vec![n, c.in_channels, f, c.input_size, c.input_size],
-            "(N, C, T, H, W)",
-        ),
-        (Some(v), _) => (
-            vec![n, c.in_channels, v.frames, c.input_size, c.input_size],
-            "(N, C, T, H, W)",
-        ),
-        (None, _) => (
-            vec![n, c.in_channels, c.input_size, c.input_size],
-            "(N, C, H, W)",
-        ),
+    let (rank, layout) = match c.video {
+        Some(_) => (5, "(N, C, T, H, W)"),
+        None => (4, "(N, C, H, W)"),
     };
-    if noise.dims() != want {
+    let d = noise.dims();
+    let fits = d.len() == rank
+        && d[0] == n
+        && d[1] == c.in_channels
+        && d[2..].iter().all(|&s| s > 0)
+        && d[rank - 2..].iter().all(|s| s.is_multiple_of(c.patch_size));
+    if !fits {
         return Err(Error::Input(format!(
-            "noise has shape {:?} but {n} samples of this model need {want:?} {layout}",
-            noise.dims()
+            "noise has shape {d:?} but {n} samples of this model need {layout} with N = {n}, C = {}, and H and W multiples of the patch {} (trained at {})",
+            c.in_channels, c.patch_size, c.input_size
         )));
     }
     Ok(())

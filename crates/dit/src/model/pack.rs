@@ -404,8 +404,8 @@ mod tests {
             .unwrap()
             .reshape((s, l, d))
             .unwrap();
-        let (a, b): (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) =
-            (ours.to_vec3().unwrap(), dense.to_vec3().unwrap());
+        let a: Vec<Vec<Vec<f32>>> = ours.to_vec3().unwrap();
+        let b: Vec<Vec<Vec<f32>>> = dense.to_vec3().unwrap();
         let owners = p.token_images();
         for (pos, owner) in owners.iter().enumerate() {
             if owner.is_some() {
