@@ -201,6 +201,14 @@ pub struct TrainArgs {
     /// a `--features cuda,nccl` build). The global batch is split evenly over them.
     #[arg(long, default_value_t = 1)]
     gpus: usize,
+    /// Patch n' pack (NaViT): run each batch as sequences of this many tokens, several images
+    /// per sequence, attention block-diagonal (needed for a store of mixed sizes from
+    /// `extract-latents --keep-aspect`; 0: off).
+    #[arg(long, default_value_t = 0)]
+    pack: usize,
+    /// With --pack: the share of each image's patches left out (NaViT's token dropping).
+    #[arg(long, default_value_t = 0.0)]
+    token_drop: f64,
 }
 
 pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
@@ -219,7 +227,16 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
     };
     // Rank 0 (or a single process) writes the log, checkpoints and sample grids.
     let leader = worker.as_ref().is_none_or(|w| w.rank == 0);
+    if a.pack > 0 && (a.gpus > 1 || worker.is_some() || micro != a.global_batch_size) {
+        bail!("--pack trains on one device without micro-batches");
+    }
+    if !(0.0..1.0).contains(&a.token_drop) || (a.token_drop > 0.0 && a.pack == 0) {
+        bail!("--token-drop takes a share in [0, 1) and needs --pack");
+    }
     let data = training_set(&a, dev)?;
+    if data.is_bucketed() && a.pack == 0 {
+        bail!("this latent store holds several aspect-ratio buckets: train it with --pack SEQ_LEN");
+    }
     let (channels, size) = data.input()?;
     // Captioned data: every caption encoded once, up front (the encoder is frozen).
     let text = match data.captions() {
@@ -244,6 +261,7 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
         compute_dtype: a.dtype.dtype_on(dev)?,
         motion_free: a.motion_free,
         still_motion_free: a.joint_images,
+        token_drop: a.token_drop,
         ..Default::default()
     };
     let (mut tr, mut pos) = match &a.resume {
@@ -319,20 +337,30 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
     while tr.opt.step < a.steps {
         let idx = batch_indices(n, a.seed, pos, a.global_batch_size);
         let mine = &idx[rows.clone()];
-        let (x, labels) = data.batch(mine, a.flip, a.seed, pos + rows.start, dev)?;
+        // Packed: one tensor per sample (a bucketed store's keep their sizes); else one batch.
+        let (packed, dense, labels) = if a.pack > 0 {
+            let (xs, labels) = data.samples(mine, a.flip, a.seed, pos, dev)?;
+            (xs, None, labels)
+        } else {
+            let (x, labels) = data.batch(mine, a.flip, a.seed, pos + rows.start, dev)?;
+            (Vec::new(), Some(x), labels)
+        };
         let prompts = text.as_ref().map(|t| t.batch(&labels)).transpose()?;
         let cond = match &prompts {
             Some(p) => Conditions::Text(p),
             None => Conditions::Labels(&labels),
         };
-        let loss = tr.step_conditioned(
-            &x,
-            cond,
-            rows.clone(),
-            a.global_batch_size,
-            micro,
-            reducer.as_ref(),
-        )?;
+        let loss = match &dense {
+            None => tr.step_packed(&packed, cond, a.pack)?,
+            Some(x) => tr.step_conditioned(
+                x,
+                cond,
+                rows.clone(),
+                a.global_batch_size,
+                micro,
+                reducer.as_ref(),
+            )?,
+        };
         pos += a.global_batch_size;
         if !loss.is_finite() {
             bail!(

@@ -375,6 +375,86 @@ fn extract_latents_then_train_and_fine_tune_from_the_store() {
 }
 
 #[test]
+fn keep_aspect_buckets_then_packed_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let (images, store) = (dir.path().join("images"), dir.path().join("store"));
+    // Wide, tall and square photos in two classes.
+    for (class, sizes) in [
+        ("a", [(40u32, 20u32), (16, 48)]),
+        ("b", [(30, 30), (36, 20)]),
+    ] {
+        std::fs::create_dir_all(images.join(class)).unwrap();
+        for (i, (w, h)) in sizes.iter().enumerate() {
+            let img = image::RgbImage::from_fn(*w, *h, |x, y| {
+                image::Rgb([(x * 6) as u8, (y * 5) as u8, 40 * i as u8])
+            });
+            img.save(images.join(class).join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    let out = dit(&[
+        "extract-latents",
+        p(&images),
+        "--out",
+        p(&store),
+        "--image-size",
+        "16",
+        "--bucket-multiple",
+        "4",
+        "--keep-aspect",
+        "--vae",
+        p(&fixture("tiny_vae_folder")),
+    ]);
+    succeeds(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Buckets of about 16x16 px: 2:1 photos go to 20x12, the 1:3 one to 8x32.
+    assert!(
+        stdout.contains("20x12: 2") && stdout.contains("8x32: 1") && stdout.contains("16x16: 1"),
+        "{stdout}"
+    );
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(store.join("index.json")).unwrap()).unwrap();
+    let mut shapes: Vec<String> = index["shard_shapes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    shapes.sort();
+    // The tiny VAE halves: latents 4 x h/2 x w/2.
+    assert_eq!(shapes, ["[4,16,4]", "[4,6,10]", "[4,8,8]"]);
+    let run = dir.path().join("run");
+    let args = |extra: &[&'static str]| {
+        let mut v = vec![
+            "--data",
+            p(&store),
+            "--out",
+            p(&run),
+            "--patch",
+            "2",
+            "--steps",
+            "2",
+            "--global-batch-size",
+            "4",
+            "--sample-every",
+            "0",
+            "--flip",
+        ];
+        v.extend_from_slice(extra);
+        v
+    };
+    fails_with(&train_tiny(&args(&[])), "train it with --pack SEQ_LEN");
+    succeeds(&train_tiny(&args(&[
+        "--pack",
+        "32",
+        "--token-drop",
+        "0.25",
+    ])));
+    let state = state_of(&run.join("step-0000002"));
+    assert_eq!(state["model"]["input_size"], 8);
+}
+
+#[test]
 fn train_in_pixel_space_from_an_image_folder() {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");

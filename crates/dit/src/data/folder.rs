@@ -84,18 +84,60 @@ impl ImageFolder {
 /// target, resize bicubically so the short side is `size`, then crop the centre square.
 /// (The box halving averages 2x2 blocks; PIL's BOX resize matches it on even sizes.)
 pub fn center_crop(img: &RgbImage, size: u32) -> RgbImage {
+    resize_crop(img, size, size)
+}
+
+/// [`center_crop`] to any `width` x `height`: box-halve while both sides are at least twice
+/// the target, resize bicubically to just cover the target, crop the centre.
+pub fn resize_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let mut img = img.clone();
-    while img.width().min(img.height()) >= 2 * size {
+    while img.width() >= 2 * width && img.height() >= 2 * height {
         img = halve(&img);
     }
-    let scale = size as f64 / img.width().min(img.height()) as f64;
+    let scale = (width as f64 / img.width() as f64).max(height as f64 / img.height() as f64);
     let (w, h) = (
-        ((img.width() as f64 * scale).round() as u32).max(size),
-        ((img.height() as f64 * scale).round() as u32).max(size),
+        ((img.width() as f64 * scale).round() as u32).max(width),
+        ((img.height() as f64 * scale).round() as u32).max(height),
     );
     let img = imageops::resize(&img, w, h, imageops::FilterType::CatmullRom);
-    let (x0, y0) = ((w - size) / 2, (h - size) / 2);
-    imageops::crop_imm(&img, x0, y0, size, size).to_image()
+    let (x0, y0) = ((w - width) / 2, (h - height) / 2);
+    imageops::crop_imm(&img, x0, y0, width, height).to_image()
+}
+
+/// Aspect-ratio buckets of about `size` x `size` pixels: (width, height) pairs, both multiples
+/// of `multiple`, from 1:4 to 4:1, narrowest first (as `extract-latents --keep-aspect` uses them).
+pub fn aspect_buckets(size: u32, multiple: u32) -> Vec<(u32, u32)> {
+    let area = f64::from(size) * f64::from(size);
+    let m = multiple.max(1);
+    // Tall buckets (width up to the square's), then their mirrors: symmetric by construction.
+    let mut tall: Vec<(u32, u32)> = Vec::new();
+    let mut w = m;
+    while w <= size {
+        let h = ((area / f64::from(w) / f64::from(m)).round() as u32) * m;
+        if h <= 4 * w && !tall.iter().any(|b| b.1 == h) {
+            tall.push((w, h));
+        }
+        w += m;
+    }
+    let wide = tall
+        .iter()
+        .rev()
+        .filter(|b| b.0 != b.1)
+        .map(|&(w, h)| (h, w));
+    let mut out: Vec<(u32, u32)> = tall.clone();
+    out.extend(wide);
+    out
+}
+
+/// The bucket whose aspect ratio is nearest (in log ratio) to that of a `width` x `height`
+/// image: the one its resize-and-crop loses least to.
+pub fn nearest_bucket(buckets: &[(u32, u32)], width: u32, height: u32) -> (u32, u32) {
+    let ratio = (f64::from(width) / f64::from(height.max(1))).ln();
+    let off = |b: &(u32, u32)| ((f64::from(b.0) / f64::from(b.1)).ln() - ratio).abs();
+    *buckets
+        .iter()
+        .min_by(|a, b| off(a).total_cmp(&off(b)))
+        .expect("at least one bucket")
 }
 
 /// 2x2 box average (odd last row / column dropped).
@@ -172,6 +214,34 @@ pub fn to_tensor(images: &[RgbImage], channels: usize, device: &Device) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aspect_buckets_cover_the_ratios_at_about_the_area() {
+        let b = aspect_buckets(256, 64);
+        assert!(b.contains(&(256, 256)));
+        assert!(b.contains(&(128, 512)) && b.contains(&(512, 128)));
+        for &(w, h) in &b {
+            assert!(w % 64 == 0 && h % 64 == 0);
+            let area = f64::from(w * h) / 65536.0;
+            assert!((0.7..=1.3).contains(&area), "{w}x{h}");
+        }
+        // A 1200x600 photo goes to the 2:1-ish bucket, a portrait to a tall one.
+        let (w, h) = nearest_bucket(&b, 1200, 600);
+        assert!(
+            w > h && (f64::from(w) / f64::from(h) - 2.0).abs() < 0.5,
+            "{w}x{h}"
+        );
+        let (w, h) = nearest_bucket(&b, 300, 400);
+        assert!(h > w, "{w}x{h}");
+        assert_eq!(nearest_bucket(&b, 500, 500), (256, 256));
+        // resize_crop gives the asked size and keeps the centre.
+        let img = RgbImage::from_fn(400, 200, |x, _| {
+            image::Rgb([if x < 200 { 0 } else { 255 }; 3])
+        });
+        let out = resize_crop(&img, 192, 64);
+        assert_eq!((out.width(), out.height()), (192, 64));
+        assert!(out.get_pixel(10, 32)[0] < 20 && out.get_pixel(181, 32)[0] > 235);
+    }
 
     #[test]
     fn centre_crop_keeps_the_centre_and_the_size() {

@@ -5,6 +5,10 @@
 //! each with `latents` and `latents_flip` (f32, (n, C, h, w): the image and its mirror, as
 //! fast-DiT extracts them) and `labels` (i64, (n)). Files are written to a temporary name and
 //! renamed, so a killed extraction never leaves a half-written shard under a real name.
+//!
+//! A bucketed store (`extract-latents --keep-aspect`) holds latents of several sizes, each shard
+//! one size (`shard_shapes`); its samples are read one by one ([`LatentStore::samples`]) and
+//! trained packed.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +29,25 @@ pub struct StoreIndex {
     pub captions: Option<Vec<String>>,
     /// (file name, samples) per shard, in order.
     pub shards: Vec<(String, usize)>,
+    /// (C, h, w) of each shard's latents; empty (stores written before buckets): all
+    /// `latent_shape`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shard_shapes: Vec<[usize; 3]>,
+}
+
+impl StoreIndex {
+    /// The latent shape of shard `s`.
+    pub fn shard_shape(&self, s: usize) -> [usize; 3] {
+        self.shard_shapes
+            .get(s)
+            .copied()
+            .unwrap_or(self.latent_shape)
+    }
+
+    /// Whether the store holds latents of more than one size.
+    pub fn is_bucketed(&self) -> bool {
+        self.shard_shapes.iter().any(|&s| s != self.latent_shape)
+    }
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -40,11 +63,18 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-/// Accumulates latents and writes a shard every `shard_size` samples.
+/// Accumulates latents and writes a shard every `shard_size` samples (of one size: a bucketed
+/// writer keeps one pending shard per size).
 pub struct LatentStoreWriter {
     dir: PathBuf,
     shard_size: usize,
     index: StoreIndex,
+    bucketed: bool,
+    pending: std::collections::BTreeMap<[usize; 3], Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
     latents: Vec<f32>,
     flipped: Vec<f32>,
     labels: Vec<i64>,
@@ -70,17 +100,27 @@ impl LatentStoreWriter {
                 classes,
                 captions,
                 shards: Vec::new(),
+                shard_shapes: Vec::new(),
             },
-            latents: Vec::new(),
-            flipped: Vec::new(),
-            labels: Vec::new(),
+            bucketed: false,
+            pending: Default::default(),
         })
+    }
+
+    /// Takes latents of any spatial size (aspect-ratio buckets); `latent_shape` is then the
+    /// nominal (square) size a model of the store is built for.
+    pub fn bucketed(mut self) -> Self {
+        self.bucketed = true;
+        self
     }
 
     /// Adds latents (n, C, h, w) of n images, those of their mirrors, and their labels.
     pub fn push(&mut self, latents: &Tensor, flipped: &Tensor, labels: &[usize]) -> Result<()> {
         let [c, h, w] = self.index.latent_shape;
-        let want = [labels.len(), c, h, w];
+        let want = match (self.bucketed, latents.dims()) {
+            (true, &[_, lc, lh, lw]) if lc == c => [labels.len(), c, lh, lw],
+            _ => [labels.len(), c, h, w],
+        };
         for t in [latents, flipped] {
             if t.dims() != want {
                 return Err(Error::Input(format!(
@@ -89,25 +129,26 @@ impl LatentStoreWriter {
                 )));
             }
         }
-        self.latents
-            .extend(latents.flatten_all()?.to_vec1::<f32>()?);
-        self.flipped
-            .extend(flipped.flatten_all()?.to_vec1::<f32>()?);
-        self.labels.extend(labels.iter().map(|&l| l as i64));
-        while self.labels.len() >= self.shard_size {
-            self.write_shard(self.shard_size)?;
+        let shape = [want[1], want[2], want[3]];
+        let p = self.pending.entry(shape).or_default();
+        p.latents.extend(latents.flatten_all()?.to_vec1::<f32>()?);
+        p.flipped.extend(flipped.flatten_all()?.to_vec1::<f32>()?);
+        p.labels.extend(labels.iter().map(|&l| l as i64));
+        while self.pending[&shape].labels.len() >= self.shard_size {
+            self.write_shard(shape, self.shard_size)?;
         }
         Ok(())
     }
 
-    fn write_shard(&mut self, n: usize) -> Result<()> {
-        let [c, h, w] = self.index.latent_shape;
+    fn write_shard(&mut self, shape: [usize; 3], n: usize) -> Result<()> {
+        let [c, h, w] = shape;
         let per = c * h * w;
         let name = format!("shard-{:05}.safetensors", self.index.shards.len());
         let dev = Device::Cpu;
-        let lat: Vec<f32> = self.latents.drain(..n * per).collect();
-        let flip: Vec<f32> = self.flipped.drain(..n * per).collect();
-        let labels: Vec<i64> = self.labels.drain(..n).collect();
+        let p = self.pending.get_mut(&shape).expect("pending shape");
+        let lat: Vec<f32> = p.latents.drain(..n * per).collect();
+        let flip: Vec<f32> = p.flipped.drain(..n * per).collect();
+        let labels: Vec<i64> = p.labels.drain(..n).collect();
         let tensors = [
             ("latents", Tensor::from_vec(lat, (n, c, h, w), &dev)?),
             ("latents_flip", Tensor::from_vec(flip, (n, c, h, w), &dev)?),
@@ -118,15 +159,21 @@ impl LatentStoreWriter {
         candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
         self.index.shards.push((name, n));
+        self.index.shard_shapes.push(shape);
         self.index.count += n;
         Ok(())
     }
 
-    /// Writes the last partial shard and the index; returns the number of samples stored.
+    /// Writes the last partial shards and the index; returns the number of samples stored.
     pub fn finish(mut self) -> Result<usize> {
-        let rest = self.labels.len();
-        if rest > 0 {
-            self.write_shard(rest)?;
+        let rest: Vec<([usize; 3], usize)> = self
+            .pending
+            .iter()
+            .map(|(s, p)| (*s, p.labels.len()))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        for (shape, n) in rest {
+            self.write_shard(shape, n)?;
         }
         let json =
             serde_json::to_string_pretty(&self.index).map_err(|e| Error::Input(e.to_string()))?;
@@ -154,9 +201,16 @@ impl LatentStore {
         let path = dir.join("index.json");
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
         let index: StoreIndex = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let [c, h, w] = index.latent_shape;
+        if !index.shard_shapes.is_empty() && index.shard_shapes.len() != index.shards.len() {
+            return Err(bad(format!(
+                "{} shard shapes for {} shards",
+                index.shard_shapes.len(),
+                index.shards.len()
+            )));
+        }
         let (mut shards, mut starts, mut start) = (Vec::new(), Vec::new(), 0);
-        for (name, n) in &index.shards {
+        for (k, (name, n)) in index.shards.iter().enumerate() {
+            let [c, h, w] = index.shard_shape(k);
             let p = dir.join(name);
             let file = std::fs::File::open(&p).map_err(io_err(&p))?;
             // SAFETY: the shard is only read; a store is not modified while a run reads it.
@@ -204,16 +258,33 @@ impl LatentStore {
         self.index.count == 0
     }
 
-    /// Latents (N, C, h, w) and labels of samples `idx`, the mirrored version where `flip[i]`.
+    /// Latents (N, C, h, w) and labels of samples `idx`, the mirrored version where `flip[i]`
+    /// (all of one size: [`Self::samples`] reads a bucketed store's mixed sizes).
     pub fn batch(
         &self,
         idx: &[usize],
         flip: &[bool],
         device: &Device,
     ) -> Result<(Tensor, Vec<usize>)> {
-        let [c, h, w] = self.index.latent_shape;
-        let per = c * h * w;
-        let mut data = Vec::with_capacity(idx.len() * per);
+        let (xs, labels) = self.samples(idx, flip, device)?;
+        if let Some(x) = xs.iter().find(|x| x.dims() != xs[0].dims()) {
+            return Err(Error::Input(format!(
+                "a batch of latents of sizes {:?} and {:?}: this store is bucketed by aspect ratio, train it packed (dit train --pack)",
+                xs[0].dims(),
+                x.dims()
+            )));
+        }
+        Ok((Tensor::cat(&xs, 0)?, labels))
+    }
+
+    /// Each sample's latent (1, C, h, w), the mirrored version where `flip[i]`, and labels.
+    pub fn samples(
+        &self,
+        idx: &[usize],
+        flip: &[bool],
+        device: &Device,
+    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
+        let mut xs = Vec::with_capacity(idx.len());
         let mut labels = Vec::with_capacity(idx.len());
         for (k, &i) in idx.iter().enumerate() {
             if i >= self.len() {
@@ -224,6 +295,8 @@ impl LatentStore {
             }
             let s = self.starts.partition_point(|&st| st <= i) - 1;
             let j = i - self.starts[s];
+            let [c, h, w] = self.index.shard_shape(s);
+            let per = c * h * w;
             let st = safetensors::SafeTensors::deserialize(&self.shards[s])
                 .map_err(|e| Error::Input(e.to_string()))?;
             let key = if flip.get(k).copied().unwrap_or(false) {
@@ -233,21 +306,18 @@ impl LatentStore {
             };
             let bytes = st.tensor(key).map_err(|e| Error::Input(e.to_string()))?;
             let bytes = &bytes.data()[j * per * 4..(j + 1) * per * 4];
-            data.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
+            let data: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            xs.push(Tensor::from_vec(data, (1, c, h, w), device)?);
             let lb = st
                 .tensor("labels")
                 .map_err(|e| Error::Input(e.to_string()))?;
             let lb = &lb.data()[j * 8..(j + 1) * 8];
             labels.push(i64::from_le_bytes(lb.try_into().expect("8 bytes")) as usize);
         }
-        Ok((
-            Tensor::from_vec(data, (idx.len(), c, h, w), device)?,
-            labels,
-        ))
+        Ok((xs, labels))
     }
 }
 
@@ -305,6 +375,53 @@ mod tests {
         std::fs::write(&shard, &bytes[..bytes.len() - 10]).unwrap();
         let err = LatentStore::open(&dir).err().unwrap().to_string();
         assert!(err.contains("shard-00001"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_bucketed_store_keeps_each_size() {
+        let dir = std::env::temp_dir().join(format!("dit-buckets-{}", std::process::id()));
+        let dev = Device::Cpu;
+        let mut w = LatentStoreWriter::create(&dir, [2, 4, 4], 32, vec!["a".into()], None, 2)
+            .unwrap()
+            .bucketed();
+        let wide = Tensor::arange(0f32, 3.0 * 16.0, &dev)
+            .unwrap()
+            .reshape((3, 2, 2, 4))
+            .unwrap();
+        let square = Tensor::ones((1, 2, 4, 4), candle_core::DType::F32, &dev).unwrap();
+        w.push(&wide, &wide.neg().unwrap(), &[0, 0, 0]).unwrap();
+        w.push(&square, &square, &[0]).unwrap();
+        // The channels must still match.
+        let bad = Tensor::zeros((1, 3, 4, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(w.push(&bad, &bad, &[0]).is_err());
+        assert_eq!(w.finish().unwrap(), 4);
+        let s = LatentStore::open(&dir).unwrap();
+        assert!(s.index.is_bucketed());
+        // Shards: two wide (full), then the last wide and the square one.
+        let (xs, _) = s.samples(&[0, 2, 3], &[false, true, false], &dev).unwrap();
+        let shapes: Vec<Vec<usize>> = xs.iter().map(|x| x.dims().to_vec()).collect();
+        assert_eq!(shapes.iter().filter(|d| *d == &[1, 2, 2, 4]).count(), 2);
+        let total: f32 = xs
+            .iter()
+            .map(|x| x.sum_all().unwrap().to_scalar::<f32>().unwrap())
+            .sum();
+        // Samples 0 and 2 are wide rows 0 and 2 (the second mirrored), 3 the square one... in
+        // shard order: [wide 0, wide 1], [wide 2], [square].
+        let row = |i: usize| {
+            wide.get(i)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(total, row(0) - row(2) + 32.0);
+        let err = s
+            .batch(&[0, 3], &[false, false], &dev)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--pack"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -266,6 +266,36 @@ impl TrainingSet {
     }
 }
 
+impl TrainingSet {
+    /// [`Self::batch`] as one tensor (1, ...) per sample, for packed training: a bucketed latent
+    /// store's samples keep their own sizes.
+    pub fn samples(
+        &self,
+        idx: &[usize],
+        flip: bool,
+        seed: u64,
+        position: usize,
+        device: &Device,
+    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
+        if let Self::Latents(s) = self {
+            let coins: Vec<bool> = (0..idx.len())
+                .map(|i| flip && flip_coin(seed, position + i))
+                .collect();
+            return s.samples(idx, &coins, device);
+        }
+        let (x, labels) = self.batch(idx, flip, seed, position, device)?;
+        let xs = (0..idx.len())
+            .map(|i| x.narrow(0, i, 1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((xs, labels))
+    }
+
+    /// Whether the samples come in several sizes (a bucketed latent store).
+    pub fn is_bucketed(&self) -> bool {
+        matches!(self, Self::Latents(s) if s.index.is_bucketed())
+    }
+}
+
 /// Images (N, 3, H, W) through the VAE when there is one (latent noise seeded by the stream
 /// position: resumable like everything else), else as they are.
 fn encode(vae: Option<&crate::vae::Vae>, x: Tensor, seed: u64, position: usize) -> Result<Tensor> {
