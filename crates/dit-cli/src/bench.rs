@@ -44,6 +44,98 @@ pub struct BenchArgs {
     /// uint8 images of `--image-size` instead of a DiT.
     #[arg(long)]
     inception: Option<std::path::PathBuf>,
+    /// Patch n' pack: time training steps on a mixed-size set (`--batch-size` latents at a
+    /// half, three quarters and all of `--image-size`, in aspect-ratio buckets from 1:4 to
+    /// 4:1), packed into sequences of this many tokens against the padded layout (one image
+    /// per sequence, as long as the longest), side by side.
+    #[arg(long)]
+    pack: Option<usize>,
+    /// With --pack: also time packed steps with this share of the patches dropped.
+    #[arg(long)]
+    token_drop: Option<f64>,
+}
+
+/// The mixed-size set of `--pack`: `n` latents (1, 4, h, w) whose pixel sizes cycle through
+/// three scales of `image_size` and, at each, its aspect-ratio buckets.
+fn mixed_sizes(image_size: usize, n: usize, dev: &Device) -> Result<Vec<Tensor>> {
+    use dit::data::folder::aspect_buckets;
+    let sizes: Vec<(u32, u32)> = [2, 3, 4]
+        .iter()
+        .flat_map(|&q| aspect_buckets(image_size as u32 * q / 4, 64))
+        .collect();
+    (0..n)
+        .map(|i| {
+            // A stride coprime with the list spreads consecutive images over sizes.
+            let (w, h) = sizes[(i * 7) % sizes.len()];
+            let shape = (1, 4, h as usize / 8, w as usize / 8);
+            Ok(Tensor::randn(0f32, 1.0, shape, dev)?)
+        })
+        .collect()
+}
+
+/// Packed against padded training steps/s on [`mixed_sizes`].
+fn bench_pack(a: &BenchArgs, seq_len: usize, dev: &Device) -> Result<()> {
+    use dit::model::Packing;
+    use dit::rng::NoiseRng;
+    use dit::train::{reference_init, Conditions, TrainConfig, Trainer};
+    let images = mixed_sizes(a.image_size, a.batch_size, dev)?;
+    let labels: Vec<usize> = (0..images.len()).map(|i| i * 131 % 1000).collect();
+    for name in &a.models {
+        let cfg = DiTConfig::named(name, a.image_size)?;
+        let p = cfg.patch_size;
+        let counts: Vec<usize> = images
+            .iter()
+            .map(|x| (x.dim(2).unwrap_or(0) / p) * (x.dim(3).unwrap_or(0) / p))
+            .collect();
+        let init = reference_init(&cfg, &mut NoiseRng::new(0))?;
+        let mut tr = Trainer::new(&cfg, init, TrainConfig::default(), 0, dev)?;
+        let mut run = |layout: &str, seq: usize, drop: f64, packing: &Packing| -> Result<f64> {
+            tr.cfg.token_drop = drop;
+            let s = time(dev, a.iters, || {
+                tr.step_packed(&images, Conditions::Labels(&labels), seq)?;
+                Ok(())
+            })?;
+            let line = serde_json::json!({
+                "what": format!("train_step_{layout}"), "model": name, "images": images.len(),
+                "tokens": counts.iter().sum::<usize>(), "sequences": packing.sequences(),
+                "seq_len": packing.seq_len(), "fill": packing.fill(), "token_drop": drop,
+                "seconds": s, "images_per_s": images.len() as f64 / s,
+            });
+            println!("{line}");
+            Ok(s)
+        };
+        let packed = Packing::greedy(&counts, seq_len)?;
+        let padded = Packing::padded(&counts)?;
+        let sp = run("packed", seq_len, 0.0, &packed)?;
+        let sd = run("padded", 0, 0.0, &padded)?;
+        println!(
+            "{name}: packed {:.2} images/s ({}), padded {:.2} images/s ({}): packed/padded = {:.2}x",
+            images.len() as f64 / sp,
+            dit::model::pack::describe(&packed),
+            images.len() as f64 / sd,
+            dit::model::pack::describe(&padded),
+            sd / sp
+        );
+        if let Some(drop) = a.token_drop {
+            let kept: Vec<usize> = counts
+                .iter()
+                .map(|&c| ((c as f64 * (1.0 - drop)).round() as usize).clamp(1, c))
+                .collect();
+            let s = run(
+                "packed_dropped",
+                seq_len,
+                drop,
+                &Packing::greedy(&kept, seq_len)?,
+            )?;
+            println!(
+                "{name}: packed with {:.0}% of the tokens dropped {:.2} images/s: {:.2}x padded",
+                drop * 100.0,
+                images.len() as f64 / s,
+                sd / s
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Inception features/s on random uint8 images (resize to 299 included).
@@ -145,6 +237,9 @@ where
 
 pub fn run(a: BenchArgs, dev: &Device) -> Result<()> {
     let dtype = a.dtype.dtype_on(dev)?;
+    if let Some(seq_len) = a.pack {
+        return bench_pack(&a, seq_len, dev);
+    }
     if a.train {
         return bench_train(&a, dtype, dev);
     }

@@ -1833,3 +1833,43 @@ fn clip_folders_train_text_to_video_models() {
         "need 7",
     );
 }
+
+#[test]
+fn bench_pack_times_packed_against_padded() {
+    let out = dit(&[
+        "bench",
+        "--pack",
+        "64",
+        "--models",
+        "DiT-S/8",
+        "--image-size",
+        "256",
+        "--batch-size",
+        "6",
+        "--iters",
+        "1",
+    ]);
+    succeeds(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (packed, padded) = (&lines[0], &lines[1]);
+    assert_eq!(packed["what"], "train_step_packed");
+    assert_eq!(padded["what"], "train_step_padded");
+    // Six images of 4 to 16 tokens: a few sequences of 64 packed, six padded rows.
+    let (seqs, tokens) = (
+        packed["sequences"].as_u64().unwrap(),
+        packed["tokens"].as_u64().unwrap(),
+    );
+    assert!(
+        seqs * 64 >= tokens && seqs < 6,
+        "{seqs} sequences for {tokens} tokens"
+    );
+    assert_eq!(padded["sequences"], 6);
+    assert!(packed["fill"].as_f64().unwrap() < 1.0);
+    assert!(packed["seq_len"] == 64 && packed["tokens"] == padded["tokens"]);
+    assert!(stdout.contains("packed/padded = "), "{stdout}");
+}
