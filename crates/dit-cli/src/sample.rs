@@ -187,26 +187,56 @@ pub struct SampleArgs {
     /// Image width in pixels (default: the model's trained size).
     #[arg(long)]
     width: Option<usize>,
+    /// Several sizes at once, HxW in pixels, comma-separated (e.g. 256x256,192x320,320x192):
+    /// sample i gets size i modulo the list, and all are sampled together, packed (patch n'
+    /// pack) into sequences of --pack tokens. Class-conditional models.
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<String>,
+    /// With --sizes: tokens per packed sequence (0: the largest image's, twice with guidance).
+    #[arg(long, default_value_t = 0)]
+    pack: usize,
 }
 
 impl SampleArgs {
     /// The sample's latent height and width (pixels, for pixel-space models) from `--height` and
     /// `--width`, else the model's trained size.
     fn latent_size(&self, cfg: &DiTConfig) -> Result<(usize, usize)> {
-        let scale = if cfg.in_channels == 4 { 8 } else { 1 };
-        let unit = scale * cfg.patch_size;
-        let side = |px: Option<usize>, name: &str| -> Result<usize> {
-            match px {
-                None => Ok(cfg.input_size),
-                Some(px) if px > 0 && px.is_multiple_of(unit) => Ok(px / scale),
-                Some(px) => bail!(
-                    "--{name} {px}: must be a positive multiple of {unit} pixels (this model's patch, {} x {scale})",
-                    cfg.patch_size
-                ),
-            }
+        let side = |px: Option<usize>, name: &str| match px {
+            None => Ok(cfg.input_size),
+            Some(px) => latent_side(cfg, px, name),
         };
         Ok((side(self.height, "height")?, side(self.width, "width")?))
     }
+
+    /// The latent (height, width) of each `--sizes` entry.
+    fn latent_sizes(&self, cfg: &DiTConfig) -> Result<Vec<(usize, usize)>> {
+        self.sizes
+            .iter()
+            .map(|s| {
+                let (h, w) = s
+                    .split_once('x')
+                    .and_then(|(h, w)| Some((h.trim().parse().ok()?, w.trim().parse().ok()?)))
+                    .with_context(|| format!("--sizes: {s:?} is not HEIGHTxWIDTH in pixels"))?;
+                Ok((
+                    latent_side(cfg, h, "sizes height")?,
+                    latent_side(cfg, w, "sizes width")?,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// A side of `px` pixels in the model's space (latents: / 8), checked against the patch.
+fn latent_side(cfg: &DiTConfig, px: usize, name: &str) -> Result<usize> {
+    let scale = if cfg.in_channels == 4 { 8 } else { 1 };
+    let unit = scale * cfg.patch_size;
+    if px == 0 || !px.is_multiple_of(unit) {
+        bail!(
+            "--{name} {px}: must be a positive multiple of {unit} pixels (this model's patch, {} x {scale})",
+            cfg.patch_size
+        );
+    }
+    Ok(px / scale)
 }
 
 impl ModelArgs {
@@ -298,6 +328,9 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
         (0..cfg.num_classes.min(64)).collect()
     };
     dit::pipeline::check_labels(&model, &labels)?;
+    if !a.sizes.is_empty() {
+        return run_sizes(&a, &model, &labels, &opts, vae.as_ref(), dtype);
+    }
     let n = labels.len();
     let mut rng = NoiseRng::new(a.seed);
     let (h, w) = a.latent_size(&cfg)?;
@@ -315,6 +348,64 @@ pub fn run(a: SampleArgs, device: &Device) -> Result<()> {
     };
     let latents = sample_batched(&model, &labels, &noise, &opts, a.batch_size, &mut rng)?;
     write_outputs(&a, &latents, vae.as_ref(), dtype, &cfg)
+}
+
+/// `--sizes`: every label at its size, sampled together packed; a grid (each image in a cell of
+/// the largest size) and, with --out-dir, one PNG each.
+fn run_sizes(
+    a: &SampleArgs,
+    model: &DiT,
+    labels: &[usize],
+    opts: &SampleOptions,
+    vae: Option<&dit::vae::Vae>,
+    dtype: DType,
+) -> Result<()> {
+    let cfg = &model.config;
+    let sizes = a.latent_sizes(cfg)?;
+    let mut rng = NoiseRng::new(a.seed);
+    let noise = labels
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let (h, w) = sizes[i % sizes.len()];
+            let z = Tensor::zeros((1, cfg.in_channels, h, w), DType::F32, model.device())?;
+            Ok(rng.randn_like(&z)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bar = ProgressBar::new(opts.steps as u64).with_style(ProgressStyle::with_template(
+        "{msg} [{bar:40}] {pos}/{len} steps {elapsed_precise} eta {eta}",
+    )?);
+    bar.set_message(format!(
+        "sampling {} images of {} sizes, packed",
+        labels.len(),
+        sizes.len()
+    ));
+    let latents =
+        dit::pipeline::sample_packed(model, labels, noise, opts, a.pack, &mut rng, |i| {
+            bar.set_position(i as u64 + 1)
+        })?;
+    bar.finish_and_clear();
+    let mut rgb = Vec::with_capacity(latents.len());
+    for z in &latents {
+        let Some(img) = to_images(z, vae, dtype, cfg)? else {
+            bail!("--no-decode with --sizes writes nothing: the latents differ in size");
+        };
+        rgb.extend(dit::image_io::to_rgb_images(&img)?);
+    }
+    dit::image_io::save_png(&dit::image_io::make_grid(&rgb, 4, 2), &a.out)?;
+    println!(
+        "wrote {} ({} samples at {} sizes)",
+        a.out.display(),
+        rgb.len(),
+        sizes.len()
+    );
+    if let Some(dir) = &a.out_dir {
+        for (i, img) in rgb.iter().enumerate() {
+            dit::image_io::save_png(img, &dir.join(format!("{i:06}.png")))?;
+        }
+        println!("wrote {} images to {}", rgb.len(), dir.display());
+    }
+    Ok(())
 }
 
 /// Samples a text-conditioned model for `--prompt`s, guided against `--negative-prompt`.

@@ -653,6 +653,30 @@ fn samples_at_other_sizes_and_aspect_ratios() {
         &dit(&["sample", "--steps", "2", "--width", "30"]),
         "--width 30: must be a positive multiple of 4 pixels",
     );
+    // Several sizes at once, packed: each sample at its own size.
+    let packed = dir.path().join("packed");
+    let out = dit(&[
+        "sample",
+        "--labels",
+        "1,2,3",
+        "--steps",
+        "4",
+        "--sizes",
+        "28x28,20x36,36x20",
+        "--out",
+        p(&dir.path().join("sizes.png")),
+        "--out-dir",
+        p(&packed),
+    ]);
+    succeeds(&out);
+    for (i, (h, w)) in [(28, 28), (20, 36), (36, 20)].iter().enumerate() {
+        let img = image::open(packed.join(format!("{i:06}.png"))).unwrap();
+        assert_eq!((img.height(), img.width()), (*h, *w));
+    }
+    fails_with(
+        &dit(&["sample", "--steps", "2", "--sizes", "28by28"]),
+        "is not HEIGHTxWIDTH",
+    );
 }
 
 #[test]

@@ -49,12 +49,13 @@ pub fn to_uint8_nhwc(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Tiles images into rows of `nrow` with `padding` black pixels around each (torchvision's
-/// `make_grid` layout).
+/// `make_grid` layout); images of different sizes each get a cell of the largest size.
 pub fn make_grid(images: &[RgbImage], nrow: usize, padding: u32) -> RgbImage {
-    let Some(first) = images.first() else {
+    if images.is_empty() {
         return RgbImage::new(0, 0);
-    };
-    let (w, h) = first.dimensions();
+    }
+    let w = images.iter().map(|i| i.width()).max().unwrap_or(0);
+    let h = images.iter().map(|i| i.height()).max().unwrap_or(0);
     let cols = nrow.min(images.len()).max(1);
     let rows = images.len().div_ceil(cols);
     let mut grid = RgbImage::new(

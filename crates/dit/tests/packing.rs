@@ -397,3 +397,38 @@ fn packed_training_loss_is_the_mean_of_each_images_loss() {
         .unwrap();
     assert!(d < 1e-4);
 }
+
+#[test]
+fn packed_sampling_runs_each_images_own_chain() {
+    use dit::diffusion::Sampler;
+    use dit::pipeline::{sample_latents, sample_packed, SampleOptions};
+    let cfg = config();
+    let m = model(&cfg, 20);
+    let labels = [1usize, 4, 0];
+    let noise = images(&[(8, 8), (4, 12), (6, 10)], 4, 21);
+    for sampler in [Sampler::Ddim { eta: 0.0 }, Sampler::DpmSolverPp] {
+        let opts = SampleOptions {
+            steps: 4,
+            sampler,
+            cfg_scale: 3.0,
+            ..Default::default()
+        };
+        let mut rng = NoiseRng::new(0);
+        let packed = sample_packed(&m, &labels, noise.clone(), &opts, 0, &mut rng, |_| {}).unwrap();
+        for (i, x) in noise.iter().enumerate() {
+            let alone =
+                sample_latents(&m, &labels[i..i + 1], x.clone(), &opts, &mut rng, |_| {}).unwrap();
+            // Random weights make large latents: compare relative to their size.
+            let scale = alone
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_abs_diff(&packed[i], &alone) / scale.max(1.0);
+            assert!(d < 1e-5, "{sampler:?} image {i}: {d} (of {scale})");
+            assert!(max_abs_diff(&packed[i], x) > 0.1, "the chain moved");
+        }
+    }
+}

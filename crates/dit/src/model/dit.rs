@@ -592,7 +592,12 @@ impl DiT {
 
     /// (cond; uncond) stacked predictions -> uncond + scale * (cond - uncond) on the guided eps
     /// channels, the other channels (and the learned variance) from the conditional half.
-    fn mix_guidance(&self, out: &Tensor, scale: f64, channels: GuidedChannels) -> Result<Tensor> {
+    pub fn mix_guidance(
+        &self,
+        out: &Tensor,
+        scale: f64,
+        channels: GuidedChannels,
+    ) -> Result<Tensor> {
         let n = out.dim(0)? / 2;
         let (cond, uncond) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
         let guided = self.guided_channels(channels);
