@@ -97,7 +97,7 @@ fn bench_pack(a: &BenchArgs, seq_len: usize, dev: &Device) -> Result<()> {
             })?;
             let line = serde_json::json!({
                 "what": format!("train_step_{layout}"), "model": name, "images": images.len(),
-                "tokens": counts.iter().sum::<usize>(), "sequences": packing.sequences(),
+                "tokens": packing.tokens(), "sequences": packing.sequences(),
                 "seq_len": packing.seq_len(), "fill": packing.fill(), "token_drop": drop,
                 "seconds": s, "images_per_s": images.len() as f64 / s,
             });

@@ -121,10 +121,14 @@ impl Packing {
         self.segments[self.by_image[image]]
     }
 
+    /// The image tokens, all sequences together.
+    pub fn tokens(&self) -> usize {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
     /// The share of the sequences' positions holding image tokens (1: no padding).
     pub fn fill(&self) -> f64 {
-        let real: usize = self.segments.iter().map(|s| s.len).sum();
-        real as f64 / (self.sequences * self.seq_len).max(1) as f64
+        self.tokens() as f64 / (self.sequences * self.seq_len).max(1) as f64
     }
 
     /// For each of the `sequences * seq_len` positions, the image whose token sits there.
