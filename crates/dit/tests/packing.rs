@@ -432,3 +432,62 @@ fn packed_sampling_runs_each_images_own_chain() {
         }
     }
 }
+
+#[test]
+fn packed_text_training_loss_is_the_mean_of_each_images_loss() {
+    use dit::model::TextBatch;
+    let mut cfg = config();
+    cfg.num_classes = 0;
+    cfg.text = Some(TextConditioning::single(12, 5));
+    let weights = random_weights(&cfg, 30);
+    let tcfg = dit::train::TrainConfig {
+        class_dropout: 0.0,
+        ..Default::default()
+    };
+    let xs = images(&SIZES[..3], 4, 31);
+    let mut rng = NoiseRng::new(32);
+    let mut randn = |shape: (usize, usize, usize)| {
+        rng.randn_like(&Tensor::zeros(shape, DType::F32, &dev()).unwrap())
+            .unwrap()
+    };
+    let text = TextBatch {
+        tokens: randn((3, 5, 12)),
+        mask: Tensor::new(
+            &[
+                [1f32, 1., 1., 0., 0.],
+                [1., 0., 0., 0., 0.],
+                [1., 1., 1., 1., 1.],
+            ],
+            &dev(),
+        )
+        .unwrap(),
+        pooled: randn((3, 1, 12)).squeeze(1).unwrap(),
+        second: None,
+    };
+    let empty = text.narrow(0, 1).unwrap();
+    let mut packed =
+        dit::train::Trainer::new(&cfg, weights.clone(), tcfg.clone(), 33, &dev()).unwrap();
+    packed.empty_prompt = Some(empty.clone());
+    let loss = packed
+        .step_packed(&xs, dit::train::Conditions::Text(&text), 24)
+        .unwrap();
+    let plain = dit::train::Trainer::new(&cfg, weights, tcfg, 33, &dev()).unwrap();
+    let mut rng = NoiseRng::new(33);
+    let t: Vec<usize> = (0..3).map(|_| rng.below(1000)).collect();
+    let _dropped: Vec<f64> = (0..3).map(|_| rng.uniform()).collect();
+    let noise: Vec<Tensor> = xs.iter().map(|x| rng.randn_like(x).unwrap()).collect();
+    let mean: f32 = (0..3)
+        .map(|i| {
+            plain
+                .loss_text(&xs[i], &t[i..i + 1], &noise[i], &text.narrow(i, 1).unwrap())
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .sum::<f32>()
+        / 3.0;
+    assert!(
+        (loss - mean).abs() < 1e-4 * mean.abs().max(1.0),
+        "{loss} vs {mean}"
+    );
+}
