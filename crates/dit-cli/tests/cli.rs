@@ -308,26 +308,28 @@ fn image_folder(root: &Path) {
     std::fs::write(root.join("cat/broken.png"), b"not a png").unwrap();
 }
 
+/// `dit extract-latents` of 16 px images through the tiny VAE (latents 4x8x8).
+fn extract_tiny(images: &Path, store: &Path, extra: &[&str]) -> Output {
+    let vae = fixture("tiny_vae_folder");
+    let mut args = vec![
+        "extract-latents",
+        p(images),
+        "--out",
+        p(store),
+        "--image-size",
+        "16",
+    ];
+    args.extend_from_slice(&["--vae", p(&vae)]);
+    args.extend_from_slice(extra);
+    dit(&args)
+}
+
 #[test]
 fn extract_latents_then_train_and_fine_tune_from_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let (images, store) = (dir.path().join("images"), dir.path().join("store"));
     image_folder(&images);
-    let vae = fixture("tiny_vae_folder");
-    let out = dit(&[
-        "extract-latents",
-        p(&images),
-        "--out",
-        p(&store),
-        "--image-size",
-        "16",
-        "--vae",
-        p(&vae),
-        "--batch-size",
-        "2",
-        "--shard-size",
-        "3",
-    ]);
+    let out = extract_tiny(&images, &store, &["--batch-size", "2", "--shard-size", "3"]);
     succeeds(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     // The tiny VAE halves the size: 16 px -> 4x8x8 latents; the corrupt file is counted.
@@ -392,19 +394,11 @@ fn keep_aspect_buckets_then_packed_training() {
                 .unwrap();
         }
     }
-    let out = dit(&[
-        "extract-latents",
-        p(&images),
-        "--out",
-        p(&store),
-        "--image-size",
-        "16",
-        "--bucket-multiple",
-        "4",
-        "--keep-aspect",
-        "--vae",
-        p(&fixture("tiny_vae_folder")),
-    ]);
+    let out = extract_tiny(
+        &images,
+        &store,
+        &["--bucket-multiple", "4", "--keep-aspect"],
+    );
     succeeds(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     // Buckets of about 16x16 px: 2:1 photos go to 20x12, the 1:3 one to 8x32.
@@ -1498,16 +1492,7 @@ fn emoji_layout_extracts_to_a_captioned_store_that_trains_a_text_model() {
         .unwrap();
     }
     let store = dir.path().join("store");
-    let out = dit(&[
-        "extract-latents",
-        p(&pkg),
-        "--out",
-        p(&store),
-        "--image-size",
-        "16",
-        "--vae",
-        p(&fixture("tiny_vae_folder")),
-    ]);
+    let out = extract_tiny(&pkg, &store, &[]);
     succeeds(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

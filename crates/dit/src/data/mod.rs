@@ -208,9 +208,7 @@ impl TrainingSet {
         position: usize,
         device: &Device,
     ) -> Result<(Tensor, Vec<usize>)> {
-        let coins: Vec<bool> = (0..idx.len())
-            .map(|i| flip && flip_coin(seed, position + i))
-            .collect();
+        let coins = flip_coins(idx.len(), flip, seed, position);
         match self {
             Self::Images(d) => {
                 let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
@@ -278,10 +276,7 @@ impl TrainingSet {
         device: &Device,
     ) -> Result<(Vec<Tensor>, Vec<usize>)> {
         if let Self::Latents(s) = self {
-            let coins: Vec<bool> = (0..idx.len())
-                .map(|i| flip && flip_coin(seed, position + i))
-                .collect();
-            return s.samples(idx, &coins, device);
+            return s.samples(idx, &flip_coins(idx.len(), flip, seed, position), device);
         }
         let (x, labels) = self.batch(idx, flip, seed, position, device)?;
         let xs = (0..idx.len())
@@ -313,6 +308,13 @@ fn encode(vae: Option<&crate::vae::Vae>, x: Tensor, seed: u64, position: usize) 
 /// (seed, position), so a resumed run flips exactly as an uninterrupted one.
 pub fn flip_coin(seed: u64, position: usize) -> bool {
     splitmix64(seed ^ splitmix64(position as u64)) & 1 == 1
+}
+
+/// [`flip_coin`] for `n` samples from stream position `position` (all false without `flip`).
+fn flip_coins(n: usize, flip: bool, seed: u64, position: usize) -> Vec<bool> {
+    (0..n)
+        .map(|i| flip && flip_coin(seed, position + i))
+        .collect()
 }
 
 fn select_flipped(x: &Tensor, coins: &[bool]) -> Result<Tensor> {
