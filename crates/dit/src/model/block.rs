@@ -40,15 +40,7 @@ impl Attention {
             num_heads,
         })
     }
-}
 
-impl Module for Attention {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_packed(x, None)
-    }
-}
-
-impl Attention {
     /// Self-attention over each row of x (N, T, D), or, for a packed batch, over each image's
     /// segment only: the block-diagonal mask, computed block by block.
     pub fn forward_packed(&self, x: &Tensor, packed: Option<&Routing>) -> Result<Tensor> {
@@ -60,6 +52,12 @@ impl Attention {
             })?,
         };
         self.proj.forward(&out)
+    }
+}
+
+impl Module for Attention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_packed(x, None)
     }
 }
 
