@@ -8,11 +8,12 @@ the VAE decode from diffusers' AutoencoderKL. Every weight is random and non-zer
 zero-initialises adaLN and the final layer, which would hide bugs there).
 
 Run:  python3 -m venv .venv && .venv/bin/pip install torch numpy diffusers safetensors
-      .venv/bin/python tools/make_fixtures.py
+      .venv/bin/python tools/make_fixtures.py          (or `... flops`: only flops.json)
 """
 import argparse
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -658,9 +659,69 @@ def vae_fixture(gen):
     save_file({k: v.contiguous() for k, v in {"latents": z, "decoded": img, "image": x, "encoded_mean": mean}.items()}, os.path.join(OUT, "tiny_vae_io.safetensors"))
 
 
+# ---------------------------------------------------------------- forward-pass cost
+def count_macs(fn):
+    """Multiply-accumulates of the matrix products torch runs in fn() (FlopCounterMode counts
+    convolutions, linears and attention; it reports 2 flops per multiply-accumulate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def flops_fixture():
+    """flops.json: multiply-accumulates per sample of the forward passes behind gentron.safetensors
+    (images), gentron_video.safetensors (clips of 3 frames, per-frame patches and temporal
+    attention) and tubes.safetensors (clips of 4 frames in spacetime patches), as torch counts
+    them running those fixtures' inputs. The video forward here repeats the timestep and pooled
+    text per frame; dit-rs runs those two MLPs once per clip, so they are counted once."""
+    from safetensors.torch import load_file
+    import json
+
+    def fixture(name):
+        f = load_file(os.path.join(OUT, name))
+        return {k: v for k, v in f.items() if not k.startswith("in.")}, f
+
+    def conditioning(w, t, pooled):
+        te = F.linear(t_features(t), w["t_embedder.mlp.0.weight"], w["t_embedder.mlp.0.bias"])
+        F.linear(F.silu(te), w["t_embedder.mlp.2.weight"], w["t_embedder.mlp.2.bias"])
+        c = F.linear(pooled, w["pooled_embedder.mlp.0.weight"], w["pooled_embedder.mlp.0.bias"])
+        F.linear(F.silu(c), w["pooled_embedder.mlp.2.weight"], w["pooled_embedder.mlp.2.bias"])
+
+    small = dict(depth=2, hidden=32, heads=2, patch=2, in_channels=4, out_channels=8, classes=10, latent=4)
+    out = {}
+    w, f = fixture("gentron.safetensors")
+    cfg = dict(small, hidden=64, heads=4, latent=8)
+    n = f["in.x"].shape[0]
+    out["gentron"] = count_macs(lambda: gentron_forward(
+        w, cfg, f["in.x"], f["in.t"], [(f["in.text"], f["in.mask"])], f["in.pooled"])) // n
+
+    w, f = fixture("gentron_video.safetensors")
+    clips, C, T, Hh, Ww = f["in.x"].shape
+    rep = lambda z: z.repeat_interleave(T, dim=0)
+    frames_x = f["in.x"].permute(0, 2, 1, 3, 4).reshape(clips * T, C, Hh, Ww)
+    total = count_macs(lambda: gentron_forward(
+        w, small, frames_x, rep(f["in.t"]), [(rep(f["in.text"]), rep(f["in.mask"]))],
+        rep(f["in.pooled"]), frames=T, motion=f["in.motion"]))
+    once = count_macs(lambda: conditioning(w, f["in.t"][:1], f["in.pooled"][:1]))
+    out["gentron_video"] = (total - clips * (T - 1) * once) // clips
+
+    w, f = fixture("tubes.safetensors")
+    cfg = dict(small, hidden=40, in_channels=3, out_channels=6, classes=5)
+    clips = f["in.x"].shape[0]
+    out["tubes"] = count_macs(lambda: tube_forward(w, cfg, f["in.x"], f["in.t"], f["in.y"], 2)) // clips
+    with open(os.path.join(OUT, "flops.json"), "w") as fh:
+        json.dump(out, fh, indent=1)
+        fh.write("\n")
+    print("flops.json:", out)
+
+
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     torch.set_num_threads(2)
+    if sys.argv[1:] == ["flops"]:  # only flops.json, from the fixtures already written
+        flops_fixture()
+        sys.exit(0)
     gen = torch.Generator().manual_seed(1234)
     # A 1000-class model at 256 px (32x32 latents), bare state dict as the released checkpoints.
     model_fixtures("dit_c1000_256", dict(depth=2, hidden=64, heads=4, patch=2, in_channels=4, out_channels=8,
@@ -682,4 +743,5 @@ if __name__ == "__main__":
     gentron_pair_fixture()
     gentron_video_fixture()
     tube_fixture()
+    flops_fixture()
     print("fixtures written to", os.path.abspath(OUT))

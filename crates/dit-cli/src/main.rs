@@ -75,25 +75,7 @@ enum Command {
     /// Train the classifier that `eval-builtin` uses, on the built-in digits.
     TrainClassifier(eval_builtin::TrainClassifierArgs),
     /// Forward-pass Gflops (multiply-accumulates, as the paper counts) and parameters.
-    Flops {
-        /// Named configs, comma-separated (default: the embedded model).
-        #[arg(long, value_delimiter = ',')]
-        model: Vec<String>,
-        /// Every named config.
-        #[arg(long)]
-        all: bool,
-        #[arg(long, default_value_t = 256)]
-        image_size: usize,
-        /// Block designs to cost (§3.2 of the paper), comma-separated.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "ada-ln-zero")]
-        block: Vec<train::BlockArg>,
-        /// GenTron models (`--model GenTron-XL/2,GenTron-G/2`): the text encoder's token width,
-        /// pooled width and padded length (default: CLIP ViT-L/14's 768, 768, 77), and
-        /// optionally a second encoder's token width, read by every other block (CLIP + T5-XXL:
-        /// 768 768 77 4096).
-        #[arg(long, num_args = 3..=4, value_names = ["TOKENS_DIM", "POOLED_DIM", "LENGTH", "SECOND_DIM"], default_values_t = [768, 768, 77])]
-        text: Vec<usize>,
-    },
+    Flops(FlopsArgs),
     /// Encode an image folder with the VAE into a latent store for training.
     ExtractLatents(extract::ExtractArgs),
     /// Render the loss curve of a `dit train` log (log.jsonl) to a PNG.
@@ -147,13 +129,7 @@ fn run(command: Command, device: &candle_core::Device) -> anyhow::Result<()> {
         Command::EvalBuiltin(args) => eval_builtin::run(*args, device),
         Command::TrainClassifier(args) => eval_builtin::train_classifier(args, device),
         Command::ExtractLatents(args) => extract::run(args, device),
-        Command::Flops {
-            model,
-            all,
-            image_size,
-            block,
-            text,
-        } => flops(&model, all, image_size, &block, &text),
+        Command::Flops(args) => flops(&args),
         Command::PlotLoss { log, out } => train::plot_loss(&log, &out).map(|()| {
             println!("wrote {}", out.display());
         }),
@@ -218,13 +194,41 @@ fn convert_inception(
     Ok(())
 }
 
-fn flops(
-    models: &[String],
+/// `dit flops`.
+#[derive(clap::Args)]
+struct FlopsArgs {
+    /// Named configs, comma-separated (default: the embedded model).
+    #[arg(long, value_delimiter = ',')]
+    model: Vec<String>,
+    /// Every named config.
+    #[arg(long)]
     all: bool,
+    #[arg(long, default_value_t = 256)]
     image_size: usize,
-    blocks: &[train::BlockArg],
-    text: &[usize],
-) -> anyhow::Result<()> {
+    /// Block designs to cost (§3.2 of the paper), comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ada-ln-zero")]
+    block: Vec<train::BlockArg>,
+    /// GenTron models (`--model GenTron-XL/2,GenTron-G/2`): the text encoder's token width,
+    /// pooled width and padded length (default: CLIP ViT-L/14's 768, 768, 77), and
+    /// optionally a second encoder's token width, read by every other block (CLIP + T5-XXL:
+    /// 768 768 77 4096).
+    #[arg(long, num_args = 3..=4, value_names = ["TOKENS_DIM", "POOLED_DIM", "LENGTH", "SECOND_DIM"], default_values_t = [768, 768, 77])]
+    text: Vec<usize>,
+    /// Video models: frames per clip (Gflops are then per clip). GenTron text-to-video: per-frame
+    /// patches with a temporal attention layer in each block.
+    #[arg(long)]
+    frames: Option<usize>,
+    /// With --frames: spacetime patches (Sora) of this many frames instead of temporal attention.
+    #[arg(long, requires = "frames")]
+    tubelet: Option<usize>,
+}
+
+fn flops(a: &FlopsArgs) -> anyhow::Result<()> {
+    let (models, all, image_size, text) = (&a.model, a.all, a.image_size, &a.text);
+    let video = a.frames.map(|frames| dit::config::VideoConfig {
+        frames,
+        tubelet: a.tubelet,
+    });
     let text = dit::config::TextConditioning {
         pooled_dim: text[1],
         second_context_dim: text.get(3).copied(),
@@ -249,12 +253,16 @@ fn flops(
     } else {
         vec![("embedded (MNIST, 28 px)".into(), dit::builtin::config()?)]
     };
+    let per = match video {
+        None => "Gflops".to_string(),
+        Some(v) => format!("Gflops/{}-frame clip", v.frames),
+    };
     println!(
-        "{:24} {:16} {:>10} {:>14}",
-        "model", "block", "Gflops", "parameters"
+        "{:24} {:16} {per:>10} {:>14}",
+        "model", "block", "parameters"
     );
     for (name, cfg) in configs {
-        for &b in blocks {
+        for &b in &a.block {
             let cfg = match cfg.text {
                 Some(_) => cfg.clone(), // GenTron: adaLN-Zero blocks with text cross-attention
                 None => dit::DiTConfig {
@@ -262,6 +270,8 @@ fn flops(
                     ..cfg.clone()
                 },
             };
+            let cfg = dit::DiTConfig { video, ..cfg };
+            cfg.validate()?;
             let macs = dit::eval::flops::forward_macs(&cfg);
             let params = dit::checkpoint::parameter_count(&cfg);
             let design = format!("{:?}", cfg.block);

@@ -731,6 +731,32 @@ fn flops_prints_the_papers_numbers() {
         stdout.contains("InContext") && stdout.contains("119.3"),
         "{stdout}"
     );
+    // Clips: a one-frame spacetime clip costs the image; tubes must split the clip.
+    let out = dit(&[
+        "flops",
+        "--model",
+        "DiT-XL/2",
+        "--frames",
+        "1",
+        "--tubelet",
+        "1",
+    ]);
+    succeeds(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("Gflops/1-frame clip") && stdout.contains("118.6"),
+        "{stdout}"
+    );
+    let args = [
+        "flops",
+        "--model",
+        "DiT-S/2",
+        "--frames",
+        "3",
+        "--tubelet",
+        "2",
+    ];
+    fails_with(&dit(&args), "do not split");
 }
 
 #[test]

@@ -25,18 +25,32 @@ impl ForwardMacs {
     }
 }
 
+/// Multiply-accumulates of one sample: an image, or for a video model one clip of
+/// `video.frames` frames. Per-frame video runs each frame through the blocks as an image (the
+/// adaLN modulation and the text keys and values once per frame, as the frame-batched forward
+/// computes them) plus each block's temporal attention across the frames; spacetime patches run
+/// one sequence of all the clip's tubes. The timestep and pooled-text MLPs run once per sample.
 pub fn forward_macs(cfg: &DiTConfig) -> ForwardMacs {
     let d = cfg.hidden_size as u64;
     let p = cfg.patch_size as u64;
-    let g = (cfg.input_size / cfg.patch_size) as u64;
-    let t = g * g; // tokens
+    let g = cfg.grid_size() as u64;
     let m = cfg.mlp_hidden() as u64;
-    // Timestep MLP (256 frequencies -> D -> D); the label lookup costs nothing.
-    let conditioning = 256 * d + d * d;
-    // Tokens the blocks process: in-context conditioning adds two.
+    let frames = cfg.video.map_or(1, |v| v.frames) as u64;
+    let pt = cfg.tubelet() as u64;
+    // Sequences the blocks attend within, and the image tokens of each.
+    let (sequences, t) = match cfg.temporal_attention() {
+        true => (frames, g * g),
+        false => (1, frames / pt * g * g),
+    };
+    let tokens = sequences * t; // image tokens of the sample
+                                // Timestep MLP (256 frequencies -> D -> D); the label lookup costs nothing; GenTron adds the
+                                // pooled-text MLP.
+    let pooled = cfg.text.map_or(0, |tc| tc.pooled_dim as u64 * d + d * d);
+    let conditioning = 256 * d + d * d + pooled;
+    // Tokens each sequence's blocks process: in-context conditioning adds two.
     let n = t + cfg.block.extra_tokens() as u64;
     let design = match cfg.block {
-        BlockDesign::AdaLnZero => 6 * d * d, // adaLN modulation, once per sample
+        BlockDesign::AdaLnZero => 6 * d * d, // adaLN modulation, once per sequence
         BlockDesign::AdaLn => 4 * d * d,
         // q from every token, k and v from the 2 condition tokens, both products, projection.
         BlockDesign::CrossAttention => n * d * d + 2 * 2 * d * d + 2 * n * 2 * d + n * d * d,
@@ -47,9 +61,14 @@ pub fn forward_macs(cfg: &DiTConfig) -> ForwardMacs {
         + 2 * n * n * d   // q k^T and attention x v over all heads
         + n * d * d       // output projection
         + 2 * n * d * m; // MLP
-                         // GenTron: q from every token, k and v from the text tokens, both products, projection;
-                         // and the pooled-text MLP in place of the label lookup.
-                         // (Summed over the blocks: with two encoders they alternate widths.)
+                         // Temporal attention: qkv and projection of every token, and each spatial position's
+                         // frames attending to each other.
+    let temporal = match cfg.temporal_attention() {
+        true => tokens * 4 * d * d + 2 * frames * tokens * d,
+        false => 0,
+    };
+    // GenTron: q from every token, k and v from the text tokens, both products, projection.
+    // (Summed over the blocks: with two encoders they alternate widths.)
     let text_blocks: u64 = match cfg.text {
         Some(tc) => (0..cfg.depth)
             .map(|i| {
@@ -59,24 +78,24 @@ pub fn forward_macs(cfg: &DiTConfig) -> ForwardMacs {
             .sum(),
         None => 0,
     };
-    let pooled = cfg.text.map_or(0, |tc| tc.pooled_dim as u64 * d + d * d);
-    let conditioning = conditioning + pooled;
     let final_modulation = if cfg.block.uses_ada_ln() {
         2 * d * d
     } else {
         0
     };
+    let tube = pt * p * p;
     ForwardMacs {
-        patch_embed: t * d * cfg.in_channels as u64 * p * p,
+        patch_embed: tokens * d * cfg.in_channels as u64 * tube,
         conditioning,
-        blocks: cfg.depth as u64 * block + text_blocks,
-        final_layer: final_modulation + t * d * p * p * cfg.out_channels() as u64,
+        blocks: cfg.depth as u64 * (sequences * block + temporal) + sequences * text_blocks,
+        final_layer: sequences * final_modulation + tokens * d * tube * cfg.out_channels() as u64,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::VideoConfig;
 
     #[test]
     fn matches_table_4_of_the_paper() {
@@ -146,5 +165,57 @@ mod tests {
         );
         let ada_ln = gflops(BlockDesign::AdaLn);
         assert!(ada_ln < zero && ada_ln > 0.99 * zero, "{ada_ln}");
+    }
+
+    #[test]
+    fn text_and_video_models_cost_what_torch_counts() {
+        // tests/fixtures/flops.json: torch's FlopCounterMode on the forward passes of the
+        // GenTron fixtures (tools/make_fixtures.py), per image or clip.
+        let counted: std::collections::HashMap<String, u64> =
+            serde_json::from_str(include_str!("../../../../tests/fixtures/flops.json")).unwrap();
+        let small = |hidden, input_size, in_channels| DiTConfig {
+            input_size,
+            patch_size: 2,
+            in_channels,
+            hidden_size: hidden,
+            depth: 2,
+            num_heads: 2,
+            mlp_ratio: 4.0,
+            num_classes: 0,
+            learn_sigma: true,
+            schedule: Default::default(),
+            prediction: Default::default(),
+            block: BlockDesign::AdaLnZero,
+            text: None,
+            video: None,
+        };
+        let text = |width, pooled_dim, tokens| crate::config::TextConditioning {
+            pooled_dim,
+            ..crate::config::TextConditioning::single(width, tokens)
+        };
+        let image = DiTConfig {
+            text: Some(text(48, 40, 7)),
+            ..small(64, 8, 4)
+        };
+        let video = DiTConfig {
+            text: Some(text(24, 16, 5)),
+            video: Some(VideoConfig::frames(3)),
+            ..small(32, 4, 4)
+        };
+        let tubes = DiTConfig {
+            num_classes: 5,
+            video: Some(VideoConfig {
+                frames: 4,
+                tubelet: Some(2),
+            }),
+            ..small(40, 4, 3)
+        };
+        for (name, cfg) in [
+            ("gentron", image),
+            ("gentron_video", video),
+            ("tubes", tubes),
+        ] {
+            assert_eq!(forward_macs(&cfg).total(), counted[name], "{name}");
+        }
     }
 }
