@@ -93,6 +93,17 @@ fn save_json(a: &EvalArgs, mut report: serde_json::Map<String, serde_json::Value
     Ok(())
 }
 
+/// The shapes asked for against the shapes read, one row per shape asked.
+fn print_shape_read(read: &[[usize; 4]; 3]) {
+    println!("          shape asked -> read as circle / square / triangle / none");
+    for (asked, row) in shapes::SHAPES.iter().zip(read) {
+        println!(
+            "          {asked:>8}: {:>5} {:>5} {:>5} {:>5}",
+            row[0], row[1], row[2], row[3]
+        );
+    }
+}
+
 fn pct(v: f64) -> String {
     format!("{:5.1}%", v * 100.0)
 }
@@ -124,6 +135,7 @@ pub fn run_shapes(a: EvalArgs, device: &Device) -> Result<()> {
             pct(acc.background),
             pct(acc.all)
         );
+        print_shape_read(&acc.shape_read);
         report.insert(name.to_string(), serde_json::to_value(acc)?);
         if let (Some(p), "held-out") = (&a.grid, *name) {
             let rows: Vec<String> = scenes.iter().map(Scene::caption).collect();

@@ -299,6 +299,9 @@ pub struct AttributeAccuracy {
     /// All four at once.
     pub all: f64,
     pub images: usize,
+    /// How the shapes asked for (rows: [`SHAPES`]) were read (columns: [`SHAPES`], then no
+    /// shape found): where a model that misses the shape goes wrong.
+    pub shape_read: [[usize; 4]; 3],
 }
 
 /// Scores images (N, 3, size, size) in [-1, 1] against the scenes they were asked for.
@@ -311,8 +314,10 @@ pub fn measure(images: &candle_core::Tensor, wanted: &[Scene]) -> crate::Result<
         .flatten_all()?
         .to_vec1::<u8>()?;
     let mut hits = [0usize; 5];
+    let mut shape_read = [[0usize; 4]; 3];
     for (i, want) in wanted.iter().enumerate().take(n) {
         let got = analyse(&u8s[i * size * size * 3..][..size * size * 3], size);
+        shape_read[want.shape][got.map_or(SHAPES.len(), |g| g.shape)] += 1;
         let Some(got) = got else { continue };
         let checks = [
             got.colour == want.colour,
@@ -333,6 +338,7 @@ pub fn measure(images: &candle_core::Tensor, wanted: &[Scene]) -> crate::Result<
         background: f(hits[3]),
         all: f(hits[4]),
         images: n,
+        shape_read,
     })
 }
 
@@ -404,6 +410,12 @@ mod tests {
         assert_eq!(images.dims(), [40, 3, 32, 32]);
         let acc = measure(&images, &picked).unwrap();
         assert_eq!((acc.all, acc.colour, acc.images), (1.0, 1.0, 40));
+        let asked = |k| picked.iter().filter(|s| s.shape == k).count();
+        for (k, row) in acc.shape_read.iter().enumerate() {
+            let mut want = [0; 4];
+            want[k] = asked(k);
+            assert_eq!(*row, want, "{}", SHAPES[k]);
+        }
         // Asking for the next colour over: colour never matches, the rest still does.
         let shifted: Vec<Scene> = picked
             .iter()
@@ -414,5 +426,16 @@ mod tests {
             .collect();
         let acc = measure(&images, &shifted).unwrap();
         assert_eq!((acc.colour, acc.shape, acc.all), (0.0, 1.0, 0.0));
+        // Asking for the next shape over: the circles drawn land in the square row's circle column.
+        let next: Vec<Scene> = picked
+            .iter()
+            .map(|s| Scene {
+                shape: (s.shape + 1) % SHAPES.len(),
+                ..*s
+            })
+            .collect();
+        let acc = measure(&images, &next).unwrap();
+        assert_eq!(acc.shape, 0.0);
+        assert_eq!(acc.shape_read[1][0], asked(0), "circles asked as squares");
     }
 }
