@@ -127,12 +127,13 @@ pub struct TrainArgs {
     /// instead of --depth/--hidden/--heads/--patch.
     #[arg(long)]
     model: Option<String>,
-    /// Noise schedule of a new model (DiT: linear).
-    #[arg(long, value_enum, default_value = "linear")]
-    schedule: ScheduleArg,
-    /// What a new model predicts (DiT: eps).
-    #[arg(long, value_enum, default_value = "eps")]
-    prediction: PredictionArg,
+    /// Noise schedule [default: linear (DiT's) for a new model, the checkpoint's with --init].
+    #[arg(long, value_enum)]
+    schedule: Option<ScheduleArg>,
+    /// What the model predicts [default: eps (DiT's) for a new model, the checkpoint's with
+    /// --init; fine-tuning to another target retrains the output to it].
+    #[arg(long, value_enum)]
+    prediction: Option<PredictionArg>,
     /// How a new model's blocks are conditioned on timestep and class (§3.2 of the paper; the
     /// released models use ada-ln-zero).
     #[arg(long, value_enum, default_value = "ada-ln-zero")]
@@ -608,17 +609,21 @@ fn video_config(frames: Option<usize>, tubelet: Option<usize>) -> Option<dit::co
     frames.map(|frames| dit::config::VideoConfig { frames, tubelet })
 }
 
-/// The schedule and prediction target chosen on the command line.
+/// The schedule and prediction target chosen on the command line; what `cfg` has otherwise.
 fn with_target(mut cfg: DiTConfig, a: &TrainArgs) -> DiTConfig {
-    cfg.schedule = match a.schedule {
-        ScheduleArg::Linear => Schedule::Linear,
-        ScheduleArg::Cosine => Schedule::Cosine,
-    };
-    cfg.prediction = match a.prediction {
-        PredictionArg::Eps => Prediction::Eps,
-        PredictionArg::X0 => Prediction::X0,
-        PredictionArg::V => Prediction::V,
-    };
+    if let Some(schedule) = a.schedule {
+        cfg.schedule = match schedule {
+            ScheduleArg::Linear => Schedule::Linear,
+            ScheduleArg::Cosine => Schedule::Cosine,
+        };
+    }
+    if let Some(prediction) = a.prediction {
+        cfg.prediction = match prediction {
+            PredictionArg::Eps => Prediction::Eps,
+            PredictionArg::X0 => Prediction::X0,
+            PredictionArg::V => Prediction::V,
+        };
+    }
     cfg
 }
 

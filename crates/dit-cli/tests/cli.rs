@@ -957,6 +957,20 @@ fn a_v_prediction_cosine_model_trains_and_samples_as_trained() {
         "--out",
         p(&png),
     ]));
+    // Fine-tuned from it: the checkpoint's target and schedule unless the flags say otherwise.
+    for (flags, want) in [(&[][..], "v"), (&["--prediction", "eps"][..], "eps")] {
+        let tuned = dir.path().join(format!("tuned-{want}"));
+        let mut args = vec!["--out", p(&tuned), "--init", p(&ckpt), "--steps", "1"];
+        args.extend(["--global-batch-size", "2", "--sample-every", "0"]);
+        args.extend(flags);
+        succeeds(&train_tiny(&args));
+        let state = state_of(&tuned.join("step-0000001"));
+        let got = (
+            state["model"]["prediction"].as_str(),
+            state["model"]["schedule"].as_str(),
+        );
+        assert_eq!(got, (Some(want), Some("cosine")), "{flags:?}");
+    }
 }
 
 #[test]
