@@ -95,7 +95,10 @@ fn save_json(a: &EvalArgs, mut report: serde_json::Map<String, serde_json::Value
 
 /// The shapes asked for against the shapes read, one row per shape asked.
 fn print_shape_read(read: &[[usize; 4]; 3]) {
-    println!("          shape asked -> read as circle / square / triangle / none");
+    println!(
+        "          shape asked -> read as {} / none",
+        shapes::SHAPES.join(" / ")
+    );
     for (asked, row) in shapes::SHAPES.iter().zip(read) {
         println!(
             "          {asked:>8}: {:>5} {:>5} {:>5} {:>5}",

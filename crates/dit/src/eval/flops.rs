@@ -42,9 +42,10 @@ pub fn forward_macs(cfg: &DiTConfig) -> ForwardMacs {
         true => (frames, g * g),
         false => (1, frames / pt * g * g),
     };
-    let tokens = sequences * t; // image tokens of the sample
-                                // Timestep MLP (256 frequencies -> D -> D); the label lookup costs nothing; GenTron adds the
-                                // pooled-text MLP.
+    // The sample's image tokens.
+    let tokens = sequences * t;
+    // Timestep MLP (256 frequencies -> D -> D); the label lookup costs nothing; GenTron adds the
+    // pooled-text MLP.
     let pooled = cfg.text.map_or(0, |tc| tc.pooled_dim as u64 * d + d * d);
     let conditioning = 256 * d + d * d + pooled;
     // Tokens each sequence's blocks process: in-context conditioning adds two.
@@ -61,8 +62,9 @@ pub fn forward_macs(cfg: &DiTConfig) -> ForwardMacs {
         + 2 * n * n * d   // q k^T and attention x v over all heads
         + n * d * d       // output projection
         + 2 * n * d * m; // MLP
-                         // Temporal attention: qkv and projection of every token, and each spatial position's
-                         // frames attending to each other.
+
+    // Temporal attention: qkv and projection of every token, and each spatial position's
+    // frames attending to each other.
     let temporal = match cfg.temporal_attention() {
         true => tokens * 4 * d * d + 2 * frames * tokens * d,
         false => 0,
