@@ -87,6 +87,7 @@ impl CustomOp1 for GeluTanh {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let g = grad_res.to_dtype(DType::F32)?.contiguous()?;
         let dx = arg
+            .detach()
             .to_dtype(DType::F32)?
             .contiguous()?
             .apply_op2_no_bwd(&g, &GeluTanhGrad)?;
@@ -234,13 +235,14 @@ impl candle_core::CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<Grads3> {
+        let (x, w) = (x.detach(), w.detach()); // see `RowWise3::bwd`
         let m = x.dim(0)?;
         let n = w.dim(0)?;
         let g = grad.contiguous()?;
         let ones = Tensor::ones((1, m), DType::F32, x.device())?;
         Ok((
-            Some(g.matmul(w)?),
-            Some(g.t()?.matmul(x)?),
+            Some(g.matmul(&w)?),
+            Some(g.t()?.matmul(&x)?),
             Some(ones.matmul(&g)?.reshape(n)?),
         ))
     }
@@ -393,35 +395,166 @@ impl CustomOp1 for FusedSelfAttention {
         Ok((CpuStorage::F32(out), Shape::from((n, t, d))))
     }
 
-    /// Recomputes the probabilities P (not kept by the forward pass), then with O = P V and
-    /// S = scale Q K^T: dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)), dQ = scale dS K,
-    /// dK = scale dS^T Q.
+    /// Recomputes the probabilities P (the forward pass keeps none), in one fused pass per
+    /// (sample, head): see [`FusedSelfAttentionGrad`].
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (n, t, d3) = qkv.dims3()?;
-        let h = self.num_heads;
-        let hd = d3 / 3 / h;
-        let scale = (hd as f64).powf(-0.5);
-        let heads = qkv.reshape((n, t, 3, h, hd))?.permute((2, 0, 3, 1, 4))?;
-        let (q, k, v) = (
-            heads.get(0)?.contiguous()?,
-            heads.get(1)?.contiguous()?,
-            heads.get(2)?.contiguous()?,
-        );
-        let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-        let d_o = grad_res
-            .reshape((n, t, h, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let dv = p.t()?.matmul(&d_o)?;
-        let dp = d_o.matmul(&v.t()?)?;
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        let dq = (ds.matmul(&k)? * scale)?;
-        let dk = (ds.t()?.matmul(&q)? * scale)?;
-        // (3, N, H, T, hd) back to the qkv layout (N, T, 3, H, hd).
-        let dqkv = Tensor::stack(&[dq, dk, dv], 0)?
-            .permute((1, 3, 0, 2, 4))?
-            .reshape((n, t, d3))?;
+        let op = FusedSelfAttentionGrad {
+            num_heads: self.num_heads,
+        };
+        // Detached: see `RowWise3::bwd`.
+        let dqkv = qkv
+            .detach()
+            .contiguous()?
+            .apply_op2_no_bwd(&grad_res.contiguous()?, &op)?;
         Ok(Some(dqkv))
+    }
+}
+
+/// The gradient of [`FusedSelfAttention`] with respect to qkv, given dO (N, T, D). Per (sample,
+/// head), with S = scale Q K^T and P = softmax(S) recomputed into a T x T buffer:
+/// dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)), dQ = scale dS K, dK = scale dS^T Q.
+/// Two T x T buffers per thread instead of five (N, H, T, T) tensors.
+struct FusedSelfAttentionGrad {
+    num_heads: usize,
+}
+
+impl candle_core::CustomOp2 for FusedSelfAttentionGrad {
+    fn name(&self) -> &'static str {
+        "fused-self-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, t, d3) = l1.shape().dims3()?;
+        let h = self.num_heads;
+        let (d, hd) = (d3 / 3, d3 / 3 / h);
+        if l2.shape().dims3()? != (n, t, d) {
+            candle_core::bail!("attention grad: qkv {:?}, dO {:?}", l1.shape(), l2.shape());
+        }
+        let (qkv, d_o) = (cpu_slice::<f32>(s1, l1)?, cpu_slice::<f32>(s2, l2)?);
+        let mut out = vec![0f32; n * t * d3];
+        let dst = SharedOut(out.as_mut_ptr());
+        let scale = (hd as f32).powf(-0.5);
+        let (d3i, di, ti) = (d3 as isize, d as isize, t as isize);
+        (0..n * h).into_par_iter().for_each_init(
+            || (vec![0f32; t * t], vec![0f32; t * t]),
+            |(p, dp), bh| {
+                let (b, head) = (bh / h, bh % h);
+                let off = b * t * d3 + head * hd;
+                // A T x hd product into `c` (row stride rs_c) of a (row-major, stride rs_a,
+                // or transposed when `ta`) and b (rows of stride rs_b, or transposed when
+                // `tb`), times alpha. SAFETY (every call below): operands are the T x T buffers
+                // or head slices of sample b's rows of qkv / dO / out; this task alone writes
+                // head `head` of sample b in `out`.
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn mm(
+                    (m, nn, k): (usize, usize, usize),
+                    c: *mut f32,
+                    rs_c: isize,
+                    a: *const f32,
+                    (a_cs, a_rs): (isize, isize),
+                    bm: *const f32,
+                    (b_cs, b_rs): (isize, isize),
+                    alpha: f32,
+                ) {
+                    gemm::gemm(
+                        m,
+                        nn,
+                        k,
+                        c,
+                        1,
+                        rs_c,
+                        false,
+                        a,
+                        a_cs,
+                        a_rs,
+                        bm,
+                        b_cs,
+                        b_rs,
+                        0.0,
+                        alpha,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+                unsafe {
+                    let q = qkv.as_ptr().add(off);
+                    let (k, v) = (q.add(d), q.add(2 * d));
+                    let g = d_o.as_ptr().add(b * t * d + head * hd);
+                    let dq = dst.ptr().add(off);
+                    let (dk, dv) = (dq.add(d), dq.add(2 * d));
+                    // P = softmax(scale Q K^T), row by row.
+                    mm(
+                        (t, t, hd),
+                        p.as_mut_ptr(),
+                        ti,
+                        q,
+                        (1, d3i),
+                        k,
+                        (d3i, 1),
+                        scale,
+                    );
+                    for row in p.chunks_exact_mut(t) {
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0.0;
+                        for x in row.iter_mut() {
+                            *x = fast_exp(*x - max);
+                            sum += *x;
+                        }
+                        let inv = 1.0 / sum;
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
+                    // dV = P^T dO; dP = dO V^T.
+                    mm((t, hd, t), dv, d3i, p.as_ptr(), (ti, 1), g, (1, di), 1.0);
+                    mm(
+                        (t, t, hd),
+                        dp.as_mut_ptr(),
+                        ti,
+                        g,
+                        (1, di),
+                        v,
+                        (d3i, 1),
+                        1.0,
+                    );
+                    // dS = P (dP - rowsum(dP P)), in place of dP.
+                    for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (pv, dv) in pr.iter().zip(dr.iter_mut()) {
+                            *dv = pv * (*dv - dot);
+                        }
+                    }
+                    // dQ = scale dS K; dK = scale dS^T Q.
+                    mm(
+                        (t, hd, t),
+                        dq,
+                        d3i,
+                        dp.as_ptr(),
+                        (1, ti),
+                        k,
+                        (1, d3i),
+                        scale,
+                    );
+                    mm(
+                        (t, hd, t),
+                        dk,
+                        d3i,
+                        dp.as_ptr(),
+                        (ti, 1),
+                        q,
+                        (1, d3i),
+                        scale,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((n, t, d3))))
     }
 }
 
@@ -1012,7 +1145,10 @@ impl candle_core::CustomOp3 for RowWise3 {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<Grads3> {
-        (self.bwd)(a1, a2, a3, grad_res)
+        // Gradients computed from the tracked arguments would themselves record ops holding
+        // those arguments and this gradient; a parameter's gradient then kept its layer's
+        // output gradient alive until the backward pass ended (9 activations per DiT block).
+        (self.bwd)(&a1.detach(), &a2.detach(), &a3.detach(), grad_res)
     }
 }
 
@@ -1349,6 +1485,45 @@ mod tests {
             ),
         );
     }
+
+    #[test]
+    fn fused_gradients_hold_no_graph() {
+        // A gradient that recorded its own ops would keep the tensors it was computed from
+        // (the layer's output gradient, its input) alive for as long as it lives: for a
+        // parameter, until the end of the backward pass.
+        let dev = &Device::Cpu;
+        let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, dev).unwrap();
+        let x = r(&[2, 5, 48]);
+        let ops: [(&str, Vec<Tensor>, OpUnderTest); 5] = [
+            ("gelu", vec![x.clone()], |a| gelu_tanh(&a[0])),
+            (
+                "modulated layer norm",
+                vec![x.clone(), r(&[2, 48]), r(&[2, 48])],
+                |a| modulated_layer_norm(&a[0], &a[1], &a[2]),
+            ),
+            (
+                "gated residual",
+                vec![x.clone(), r(&[2, 48]), x.clone()],
+                |a| gated_residual(&a[0], &a[1], &a[2]),
+            ),
+            ("linear", vec![r(&[9, 20]), r(&[7, 20]), r(&[7])], |a| {
+                linear(&a[0], &a[1], &a[2])
+            }),
+            ("attention", vec![r(&[2, 7, 36])], |a| {
+                self_attention(&a[0], 3)
+            }),
+        ];
+        for (name, args, f) in ops {
+            for (i, g) in grads_of(f, &args).iter().enumerate() {
+                assert!(
+                    !g.track_op(),
+                    "{name}: the gradient of argument {i} records ops"
+                );
+            }
+        }
+    }
+
+    type OpUnderTest = fn(&[Tensor]) -> Result<Tensor>;
 
     #[test]
     fn fast_exp_is_accurate() {

@@ -363,7 +363,8 @@ impl CustomOp3 for Op<GatedBackward> {
         let scale_rows = Kernel::elementwise("scale_rows", &grad, &[t * d, d]);
         Ok((
             Some(grad.clone()),
-            Some(sum_tokens(&(&grad * h)?)?),
+            // h detached: a gradient recording ops would keep h and grad alive (see ops.rs).
+            Some(sum_tokens(&(&grad * h.detach())?)?),
             Some(grad.apply_op2_no_bwd(gate, &scale_rows)?),
         ))
     }
