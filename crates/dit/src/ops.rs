@@ -335,59 +335,20 @@ impl CustomOp1 for FusedSelfAttention {
                 unsafe {
                     let (k, v) = (q.add(d), q.add(2 * d));
                     // scores (T x T) = scale * q (T x hd) k^T (hd x T)
-                    gemm::gemm(
-                        t,
-                        t,
-                        hd,
-                        scores.as_mut_ptr(),
-                        1,
-                        ti,
-                        false,
-                        q,
-                        1,
-                        d3i,
-                        k,
-                        d3i,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                    for row in scores.chunks_exact_mut(t) {
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0.0;
-                        for x in row.iter_mut() {
-                            *x = fast_exp(*x - max);
-                            sum += *x;
-                        }
-                        let inv = 1.0 / sum;
-                        row.iter_mut().for_each(|x| *x *= inv);
-                    }
+                    let sc = scores.as_mut_ptr();
+                    head_gemm((t, t, hd), sc, ti, q, (1, d3i), k, (d3i, 1), scale);
+                    softmax_rows(scores, t);
                     // out (T x hd) = scores (T x T) v (T x hd)
                     let o = dst.ptr().add(b * t * d + head * hd);
-                    gemm::gemm(
-                        t,
-                        hd,
-                        t,
+                    head_gemm(
+                        (t, hd, t),
                         o,
-                        1,
                         di,
-                        false,
                         scores.as_ptr(),
-                        1,
-                        ti,
+                        (1, ti),
                         v,
-                        1,
-                        d3i,
-                        0.0,
+                        (1, d3i),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             },
@@ -407,6 +368,60 @@ impl CustomOp1 for FusedSelfAttention {
             .contiguous()?
             .apply_op2_no_bwd(&grad_res.contiguous()?, &op)?;
         Ok(Some(dqkv))
+    }
+}
+
+/// c (m x n, row stride `rs_c`) = alpha a b, for a (m x k) and b (k x n) given as pointers with
+/// (column, row) strides (so a transposed operand is the same memory with its strides swapped);
+/// single-threaded, as each attention task runs one head.
+///
+/// # Safety
+/// Every element the shapes and strides address must be in bounds; no one else writes `c`'s.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_gemm(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    rs_c: isize,
+    a: *const f32,
+    (a_cs, a_rs): (isize, isize),
+    b: *const f32,
+    (b_cs, b_rs): (isize, isize),
+    alpha: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        rs_c,
+        false,
+        a,
+        a_cs,
+        a_rs,
+        b,
+        b_cs,
+        b_rs,
+        0.0,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Softmax of each row (length `t`) of `x`, in place.
+fn softmax_rows(x: &mut [f32], t: usize) {
+    for row in x.chunks_exact_mut(t) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            *x = fast_exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
@@ -446,44 +461,9 @@ impl candle_core::CustomOp2 for FusedSelfAttentionGrad {
             |(p, dp), bh| {
                 let (b, head) = (bh / h, bh % h);
                 let off = b * t * d3 + head * hd;
-                // A T x hd product into `c` (row stride rs_c) of a (row-major, stride rs_a,
-                // or transposed when `ta`) and b (rows of stride rs_b, or transposed when
-                // `tb`), times alpha. SAFETY (every call below): operands are the T x T buffers
-                // or head slices of sample b's rows of qkv / dO / out; this task alone writes
-                // head `head` of sample b in `out`.
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn mm(
-                    (m, nn, k): (usize, usize, usize),
-                    c: *mut f32,
-                    rs_c: isize,
-                    a: *const f32,
-                    (a_cs, a_rs): (isize, isize),
-                    bm: *const f32,
-                    (b_cs, b_rs): (isize, isize),
-                    alpha: f32,
-                ) {
-                    gemm::gemm(
-                        m,
-                        nn,
-                        k,
-                        c,
-                        1,
-                        rs_c,
-                        false,
-                        a,
-                        a_cs,
-                        a_rs,
-                        bm,
-                        b_cs,
-                        b_rs,
-                        0.0,
-                        alpha,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
+                // SAFETY (every product below): operands are the T x T buffers or head slices
+                // of sample b's rows of qkv / dO / out; this task alone writes head `head` of
+                // sample b in `out`.
                 unsafe {
                     let q = qkv.as_ptr().add(off);
                     let (k, v) = (q.add(d), q.add(2 * d));
@@ -491,7 +471,7 @@ impl candle_core::CustomOp2 for FusedSelfAttentionGrad {
                     let dq = dst.ptr().add(off);
                     let (dk, dv) = (dq.add(d), dq.add(2 * d));
                     // P = softmax(scale Q K^T), row by row.
-                    mm(
+                    head_gemm(
                         (t, t, hd),
                         p.as_mut_ptr(),
                         ti,
@@ -501,19 +481,10 @@ impl candle_core::CustomOp2 for FusedSelfAttentionGrad {
                         (d3i, 1),
                         scale,
                     );
-                    for row in p.chunks_exact_mut(t) {
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0.0;
-                        for x in row.iter_mut() {
-                            *x = fast_exp(*x - max);
-                            sum += *x;
-                        }
-                        let inv = 1.0 / sum;
-                        row.iter_mut().for_each(|x| *x *= inv);
-                    }
+                    softmax_rows(p, t);
                     // dV = P^T dO; dP = dO V^T.
-                    mm((t, hd, t), dv, d3i, p.as_ptr(), (ti, 1), g, (1, di), 1.0);
-                    mm(
+                    head_gemm((t, hd, t), dv, d3i, p.as_ptr(), (ti, 1), g, (1, di), 1.0);
+                    head_gemm(
                         (t, t, hd),
                         dp.as_mut_ptr(),
                         ti,
@@ -531,7 +502,7 @@ impl candle_core::CustomOp2 for FusedSelfAttentionGrad {
                         }
                     }
                     // dQ = scale dS K; dK = scale dS^T Q.
-                    mm(
+                    head_gemm(
                         (t, hd, t),
                         dq,
                         d3i,
@@ -541,7 +512,7 @@ impl candle_core::CustomOp2 for FusedSelfAttentionGrad {
                         (1, d3i),
                         scale,
                     );
-                    mm(
+                    head_gemm(
                         (t, hd, t),
                         dk,
                         d3i,
