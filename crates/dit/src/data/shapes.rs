@@ -129,8 +129,8 @@ fn nearest(palette: &[(&str, [u8; 3])], c: [f32; 3]) -> usize {
 /// Reads a scene back from an RGB image (row-major, `size` x `size`): the background is the
 /// border's colour, the shape the largest connected region of pixels that differ from it; its colour is the nearest palette
 /// colour to their mean, its position the quadrant of their centroid, and its kind the share of
-/// its bounding box it fills (square 1, circle ~0.79 and at most 0.91 at small sizes, triangle ~0.5). `None` when no shape is
-/// visible.
+/// its bounding box it fills (triangle ~0.5; then square 1, circle ~0.79, measured without the
+/// bumps of a generated edge). `None` when no shape is visible.
 pub fn analyse(img: &[u8], size: usize) -> Option<Scene> {
     let found = find(img, size)?;
     let half = size as f32 / 2.0;
@@ -205,34 +205,37 @@ pub(crate) fn find(img: &[u8], size: usize) -> Option<Found> {
             (best, best_len) = (next, len);
         }
     }
+    let shape_mask: Vec<bool> = region.iter().map(|&r| best != 0 && r == best).collect();
     let (mut sum, mut count) = ([0f32; 3], 0usize);
     let (mut sx, mut sy) = (0f32, 0f32);
-    let (mut x0, mut y0, mut x1, mut y1) = (size, size, 0, 0);
-    for y in 0..size {
-        for x in 0..size {
-            if best == 0 || region[y * size + x] != best {
-                continue;
-            }
-            let p = px(x, y);
-            (0..3).for_each(|c| sum[c] += p[c]);
-            count += 1;
-            sx += x as f32;
-            sy += y as f32;
-            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
-        }
+    for (i, _) in shape_mask.iter().enumerate().filter(|(_, &m)| m) {
+        let (x, y) = (i % size, i / size);
+        let p = px(x, y);
+        (0..3).for_each(|c| sum[c] += p[c]);
+        count += 1;
+        sx += x as f32;
+        sy += y as f32;
     }
     if count < (size * size) / 100 {
         return None;
     }
     let k = count as f32;
     let colour = nearest(&COLOURS, sum.map(|v| v / k));
-    let fill = k / ((x1 - x0 + 1) * (y1 - y0 + 1)) as f32;
-    let shape = if fill > 0.92 {
-        1
-    } else if fill > 0.65 {
-        0
-    } else {
+    // A triangle fills about half of its bounding box, a circle ~0.79, a square all of it.
+    // Squares are told from circles on the shape's body: an opening drops the one- and
+    // two-pixel bumps a generated edge has, which would otherwise stretch the bounding box (a
+    // bumped square then filled no more of it than a circle). On rendered shapes the opened
+    // fill is 1 for squares and at most 0.92 for circles.
+    let shape = if bounding_box_fill(&shape_mask, size) <= 0.65 {
         2
+    } else {
+        let opened = open_3x3(&shape_mask, size);
+        let body = if opened.contains(&true) {
+            &opened
+        } else {
+            &shape_mask
+        };
+        usize::from(bounding_box_fill(body, size) > 0.94)
     };
     Some(Found {
         colour,
@@ -240,6 +243,41 @@ pub(crate) fn find(img: &[u8], size: usize) -> Option<Found> {
         background,
         centroid: (sx / k, sy / k),
     })
+}
+
+/// Morphological opening of a `size` x `size` mask by a 3 x 3 square: the union of the 3 x 3
+/// squares that fit inside it.
+fn open_3x3(mask: &[bool], size: usize) -> Vec<bool> {
+    let window = |x: usize, y: usize| {
+        let (xs, ys) = (
+            x.saturating_sub(1)..(x + 2).min(size),
+            y.saturating_sub(1)..(y + 2).min(size),
+        );
+        ys.flat_map(move |y| xs.clone().map(move |x| y * size + x))
+    };
+    // A 3 x 3 square fits centred at p when all nine pixels are in (none off the edge).
+    let fits: Vec<bool> = (0..size * size)
+        .map(|i| {
+            let (x, y) = (i % size, i / size);
+            (1..size - 1).contains(&x)
+                && (1..size - 1).contains(&y)
+                && window(x, y).all(|j| mask[j])
+        })
+        .collect();
+    (0..size * size)
+        .map(|i| window(i % size, i / size).any(|j| fits[j]))
+        .collect()
+}
+
+/// The share of its bounding box that a non-empty mask fills.
+fn bounding_box_fill(mask: &[bool], size: usize) -> f32 {
+    let (mut x0, mut y0, mut x1, mut y1, mut n) = (size, size, 0, 0, 0usize);
+    for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
+        let (x, y) = (i % size, i / size);
+        (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+        n += 1;
+    }
+    n as f32 / ((x1 - x0 + 1) * (y1 - y0 + 1)) as f32
 }
 
 /// `n` renderings of `scenes` (cycled), as (n, 3, size, size) in [-1, 1], and their scenes.
@@ -400,6 +438,41 @@ mod tests {
             img[(y * 32 + x) * 3..][..3].copy_from_slice(&COLOURS[1].1);
         }
         assert_eq!(analyse(&img, 32), Some(scene));
+    }
+
+    #[test]
+    fn bumps_on_the_edge_do_not_change_the_shape_read() {
+        // Generated shapes come with one- or two-pixel bumps on their edges; two of them
+        // (above and left of the shape) stretch a square's bounding box to a circle's fill.
+        for shape in 0..3 {
+            let scene = Scene {
+                colour: 2,
+                shape,
+                position: 3,
+                background: 1,
+            };
+            let mut img = scene.render(32, 9);
+            let fg = COLOURS[2].1;
+            let is_fg = |img: &[u8], x: usize, y: usize| img[(y * 32 + x) * 3..][..3] == fg;
+            let (ys, xs): (Vec<usize>, Vec<usize>) = (0..32 * 32)
+                .filter(|&i| is_fg(&img, i % 32, i / 32))
+                .map(|i| (i / 32, i % 32))
+                .unzip();
+            let (top, left) = (*ys.iter().min().unwrap(), *xs.iter().min().unwrap());
+            // The topmost row's first pixel gets a bump above it, the leftmost column's first
+            // pixel one to its left (two pixels wide, one deep).
+            let tx = (0..32).find(|&x| is_fg(&img, x, top)).unwrap();
+            let ly = (0..32).find(|&y| is_fg(&img, left, y)).unwrap();
+            for (x, y) in [
+                (tx, top - 1),
+                (tx + 1, top - 1),
+                (left - 1, ly),
+                (left - 1, ly + 1),
+            ] {
+                img[(y * 32 + x) * 3..][..3].copy_from_slice(&fg);
+            }
+            assert_eq!(analyse(&img, 32), Some(scene), "{}", scene.caption());
+        }
     }
 
     #[test]
