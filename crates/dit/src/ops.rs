@@ -87,7 +87,6 @@ impl CustomOp1 for GeluTanh {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let g = grad_res.to_dtype(DType::F32)?.contiguous()?;
         let dx = arg
-            .detach()
             .to_dtype(DType::F32)?
             .contiguous()?
             .apply_op2_no_bwd(&g, &GeluTanhGrad)?;
@@ -362,9 +361,8 @@ impl CustomOp1 for FusedSelfAttention {
         let op = FusedSelfAttentionGrad {
             num_heads: self.num_heads,
         };
-        // Detached: see `RowWise3::bwd`.
+        // (An op without a backward pass records nothing: the gradient holds no graph.)
         let dqkv = qkv
-            .detach()
             .contiguous()?
             .apply_op2_no_bwd(&grad_res.contiguous()?, &op)?;
         Ok(Some(dqkv))
