@@ -30,6 +30,7 @@ pub mod text;
 pub mod torchscript;
 pub mod train;
 pub mod vae;
+pub mod winograd;
 
 pub use config::DiTConfig;
 pub use model::DiT;

@@ -14,6 +14,45 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+/// Runs `$body` compiled for AVX-512 (or else AVX2) when the CPU has it: the crate is built
+/// for baseline x86-64, where these element-wise loops would run four floats wide.
+/// `$name` names the compiled copies (`…::avx512` in a profile).
+macro_rules! with_avx512 {
+    ($name:ident, $body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn $name<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            #[target_feature(enable = "avx2")]
+            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe {
+                    $name(
+                        #[inline(always)]
+                        || $body,
+                    )
+                };
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe {
+                    avx2(
+                        #[inline(always)]
+                        || $body,
+                    )
+                };
+            }
+        }
+        $body
+    }};
+}
+pub(crate) use with_avx512;
+
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 /// Elements per parallel task: large enough that scheduling is negligible.
 const CHUNK: usize = 1 << 14;
@@ -61,9 +100,11 @@ impl CustomOp1 for GeluTanh {
                 out.par_chunks_mut(CHUNK)
                     .zip(src.par_chunks(CHUNK))
                     .for_each(|(o, s)| {
-                        o.iter_mut()
-                            .zip(s)
-                            .for_each(|(o, &x)| *o = gelu_tanh_f32(x));
+                        with_avx512!(avx512, {
+                            o.iter_mut()
+                                .zip(s)
+                                .for_each(|(o, &x)| *o = gelu_tanh_f32(x))
+                        })
                     });
                 CpuStorage::F32(out)
             }
@@ -73,9 +114,11 @@ impl CustomOp1 for GeluTanh {
                 out.par_chunks_mut(CHUNK)
                     .zip(src.par_chunks(CHUNK))
                     .for_each(|(o, s)| {
-                        o.iter_mut().zip(s).for_each(|(o, x)| {
-                            *o = half::bf16::from_f32(gelu_tanh_f32(x.to_f32()))
-                        });
+                        with_avx512!(avx512, {
+                            o.iter_mut().zip(s).for_each(|(o, x)| {
+                                *o = half::bf16::from_f32(gelu_tanh_f32(x.to_f32()))
+                            })
+                        })
                     });
                 CpuStorage::BF16(out)
             }
@@ -124,9 +167,11 @@ impl candle_core::CustomOp2 for GeluTanhGrad {
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
             .for_each(|(o, (x, g))| {
-                for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                    *o = g * gelu_tanh_grad_f32(x);
-                }
+                with_avx512!(avx512, {
+                    for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                        *o = g * gelu_tanh_grad_f32(x);
+                    }
+                })
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -411,16 +456,29 @@ unsafe fn head_gemm(
 
 /// Softmax of each row (length `t`) of `x`, in place.
 fn softmax_rows(x: &mut [f32], t: usize) {
-    for row in x.chunks_exact_mut(t) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for x in row.iter_mut() {
-            *x = fast_exp(*x - max);
-            sum += *x;
+    with_avx512!(avx512, {
+        for row in x.chunks_exact_mut(t) {
+            let max = lanes_fold(row, f32::NEG_INFINITY, f32::max);
+            row.iter_mut().for_each(|x| *x = fast_exp(*x - max));
+            let inv = 1.0 / lanes_fold(row, 0.0, |a, b| a + b);
+            row.iter_mut().for_each(|x| *x *= inv);
         }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|x| *x *= inv);
+    })
+}
+
+/// Folds `x` with `f` in 16 independent lanes, then folds the lanes: a reduction the compiler
+/// can vectorise (a single running value is a serial dependency it may not reorder).
+#[inline(always)]
+fn lanes_fold(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, b));
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] = f(acc[i], c[i]);
+        }
     }
+    acc.into_iter().fold(tail, f)
 }
 
 /// The gradient of [`FusedSelfAttention`] with respect to qkv, given dO (N, T, D). Per (sample,
@@ -797,26 +855,41 @@ pub fn group_norm(
             .zip(xs.par_chunks(group_len))
             .enumerate()
             .for_each(|(ng, (o, src))| {
-                let g = ng % groups;
-                let (mut sum, mut sq) = (0f64, 0f64);
-                for &v in src {
-                    sum += v as f64;
-                    sq += (v as f64) * (v as f64);
-                }
-                let mean = sum / group_len as f64;
-                let var = (sq / group_len as f64 - mean * mean).max(0.0);
-                let inv = 1.0 / (var + eps).sqrt();
-                for ch in 0..cpg {
-                    let cc = g * cpg + ch;
-                    // y = (x - mean) * inv * w + b = x * a + shift
-                    let a = (inv * w[cc] as f64) as f32;
-                    let shift = (b[cc] as f64 - mean * inv * w[cc] as f64) as f32;
-                    let range = ch * per_channel..(ch + 1) * per_channel;
-                    for (o, &v) in o[range.clone()].iter_mut().zip(&src[range]) {
-                        let y = v * a + shift;
-                        *o = if silu { y / (1.0 + fast_exp(-y)) } else { y };
+                with_avx512!(avx512, {
+                    let g = ng % groups;
+                    // Sums in f64 of f32 partial sums over short runs (16 lanes, so they vectorise).
+                    let (mut sum, mut sq) = (0f64, 0f64);
+                    for run in src.chunks(1024) {
+                        let (mut s, mut q) = ([0f32; 16], [0f32; 16]);
+                        let lanes = run.chunks_exact(16);
+                        for (i, &v) in lanes.remainder().iter().enumerate() {
+                            s[i] += v;
+                            q[i] += v * v;
+                        }
+                        for l in lanes {
+                            for i in 0..16 {
+                                s[i] += l[i];
+                                q[i] += l[i] * l[i];
+                            }
+                        }
+                        sum += s.iter().map(|&v| v as f64).sum::<f64>();
+                        sq += q.iter().map(|&v| v as f64).sum::<f64>();
                     }
-                }
+                    let mean = sum / group_len as f64;
+                    let var = (sq / group_len as f64 - mean * mean).max(0.0);
+                    let inv = 1.0 / (var + eps).sqrt();
+                    for ch in 0..cpg {
+                        let cc = g * cpg + ch;
+                        // y = (x - mean) * inv * w + b = x * a + shift
+                        let a = (inv * w[cc] as f64) as f32;
+                        let shift = (b[cc] as f64 - mean * inv * w[cc] as f64) as f32;
+                        let range = ch * per_channel..(ch + 1) * per_channel;
+                        for (o, &v) in o[range.clone()].iter_mut().zip(&src[range]) {
+                            let y = v * a + shift;
+                            *o = if silu { y / (1.0 + fast_exp(-y)) } else { y };
+                        }
+                    }
+                })
             });
     })?;
     Tensor::from_vec(out, x.shape(), x.device())
@@ -870,7 +943,9 @@ fn rows_op<T: Elem + candle_core::WithDType>(
         .enumerate()
         .for_each(|(r, (o, xr))| {
             let nn = r / t;
-            f(xr, &u[nn * d..(nn + 1) * d], &v[nn * d..(nn + 1) * d], o)
+            with_avx512!(avx512, {
+                f(xr, &u[nn * d..(nn + 1) * d], &v[nn * d..(nn + 1) * d], o)
+            })
         });
     out
 }
@@ -1048,9 +1123,11 @@ fn gated_rows<T: Elem + candle_core::WithDType>(
         .enumerate()
         .for_each(|(r, (o, (xr, hr)))| {
             let g = &gate[(r / t) * d..(r / t + 1) * d];
-            for j in 0..d {
-                o[j] = T::put(xr[j].get() + g[j].get() * hr[j].get());
-            }
+            with_avx512!(avx512, {
+                for j in 0..d {
+                    o[j] = T::put(xr[j].get() + g[j].get() * hr[j].get());
+                }
+            })
         });
     out
 }

@@ -8,12 +8,14 @@
 //! candle bug (a `Linear` on a transposed batched input gives wrong values for batch > 1).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::ops;
 use crate::rng::NoiseRng;
+use crate::winograd::Winograd3x3;
 use crate::{Error, Result};
 
 /// The scale that makes SD latents roughly unit variance.
@@ -120,12 +122,14 @@ pub fn resolve_weights(source: &str) -> Result<PathBuf> {
     })
 }
 
-/// A convolution with bias; 3x3 stride-1 ones take the fast path.
+/// A convolution with bias; 3x3 stride-1 ones take the fast paths.
 #[derive(Debug, Clone)]
 struct Conv {
     weight: Tensor,
     bias: Tensor,
     stride: usize,
+    /// The kernel transformed for Winograd's F(2x2, 3x3), made on first use on the CPU.
+    winograd: Arc<OnceLock<Winograd3x3>>,
 }
 
 impl Conv {
@@ -140,12 +144,26 @@ impl Conv {
             weight: vb.get((c_out, c_in, k, k), "weight")?,
             bias: vb.get(c_out, "bias")?,
             stride,
+            winograd: Arc::default(),
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let k = self.weight.dim(2)?;
+        let (c_out, c_in, k, _) = self.weight.dims4()?;
         if k == 3 && self.stride == 1 {
+            // Winograd pays where the GEMMs are wide enough to dominate its transforms.
+            let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+            let tracked = x.track_op() || self.weight.track_op();
+            if cpu_f32 && !tracked && c_in >= 32 && c_out >= 32 {
+                let wg = match self.winograd.get() {
+                    Some(wg) => wg,
+                    None => {
+                        let wg = Winograd3x3::new(&self.weight)?;
+                        self.winograd.get_or_init(|| wg)
+                    }
+                };
+                return wg.forward(x, Some(&self.bias));
+            }
             return ops::conv3x3(x, &self.weight, Some(&self.bias));
         }
         // 1x1 (no padding) or the encoder's stride-2 downsampling (padded by the caller).
