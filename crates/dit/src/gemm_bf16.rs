@@ -10,7 +10,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::ops::SharedOut;
+use crate::ops::{with_avx512, SharedOut};
 
 /// Output columns per packed panel (two 16-lane f32 accumulators).
 const NR: usize = 32;
@@ -102,16 +102,21 @@ fn gemm(x: &[bf16], m: usize, w: &PackedWeight, bias: Option<&[f32]>) -> Vec<bf1
                 }
             }
             let cols = NR.min(n - p * NR);
-            for (i, row) in c.chunks_exact(NR).enumerate() {
-                for (j, v) in row[..cols].iter().enumerate() {
-                    let col = p * NR + j;
-                    // SAFETY: columns p*NR.. of every row belong to this task only.
-                    unsafe {
-                        *dst.ptr().add(i * n + col) =
-                            bf16::from_f32(v + bias.map_or(0.0, |b| b[col]))
+            let bias: [f32; NR] = std::array::from_fn(|j| match bias {
+                Some(b) if j < cols => b[p * NR + j],
+                _ => 0.0,
+            });
+            with_avx512!(avx512, {
+                for (i, row) in c.chunks_exact(NR).enumerate() {
+                    // SAFETY: columns p*NR .. p*NR + cols of every row belong to this task only.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(dst.ptr().add(i * n + p * NR), cols)
                     };
+                    for ((o, v), b) in out.iter_mut().zip(row).zip(&bias) {
+                        *o = bf16::from_f32(v + b);
+                    }
                 }
-            }
+            })
         },
     );
     out

@@ -29,23 +29,29 @@ macro_rules! with_avx512 {
             unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
+            /// `level` 2: AVX-512F, 1: AVX2, as detected below.
+            fn run<R>(level: u8, f: impl FnOnce() -> R) -> R {
+                // SAFETY: the caller detected the level's features on this CPU.
+                unsafe {
+                    match level {
+                        2 => $name(f),
+                        _ => avx2(f),
+                    }
+                }
+            }
             if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F.
-                return unsafe {
-                    $name(
-                        #[inline(always)]
-                        || $body,
-                    )
-                };
+                return run(
+                    2,
+                    #[inline(always)]
+                    || $body,
+                );
             }
             if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
-                return unsafe {
-                    avx2(
-                        #[inline(always)]
-                        || $body,
-                    )
-                };
+                return run(
+                    1,
+                    #[inline(always)]
+                    || $body,
+                );
             }
         }
         $body
@@ -464,6 +470,20 @@ fn softmax_rows(x: &mut [f32], t: usize) {
             row.iter_mut().for_each(|x| *x *= inv);
         }
     })
+}
+
+/// Σ f(x) in 16 independent lanes (vectorisable; see [`lanes_fold`]).
+#[inline(always)]
+fn lanes_sum<T: Elem>(x: &[T], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|v| f(v.get())).sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += f(c[i].get());
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Folds `x` with `f` in 16 independent lanes, then folds the lanes: a reduction the compiler
@@ -1065,14 +1085,22 @@ fn modulated_ln_rows<T: Elem + candle_core::WithDType>(
     d: usize,
     t: usize,
 ) -> Vec<T> {
-    rows_op(x, shift, scale, d, t, |xr, sh, sc, o| {
-        let mean = xr.iter().map(|v| v.get()).sum::<f32>() / d as f32;
-        let var = xr.iter().map(|v| (v.get() - mean).powi(2)).sum::<f32>() / d as f32;
-        let inv = 1.0 / (var + 1e-6).sqrt();
-        for j in 0..d {
-            o[j] = T::put((xr[j].get() - mean) * inv * (1.0 + sc[j].get()) + sh[j].get());
-        }
-    })
+    rows_op(
+        x,
+        shift,
+        scale,
+        d,
+        t,
+        #[inline(always)]
+        |xr, sh, sc, o| {
+            let mean = lanes_sum(xr, |v| v) / d as f32;
+            let var = lanes_sum(xr, |v| (v - mean) * (v - mean)) / d as f32;
+            let inv = 1.0 / (var + 1e-6).sqrt();
+            for j in 0..d {
+                o[j] = T::put((xr[j].get() - mean) * inv * (1.0 + sc[j].get()) + sh[j].get());
+            }
+        },
+    )
 }
 
 /// The gated residual of adaLN-Zero, x + gate * h, in one pass: x, h (N, T, D), gate (N, D).
