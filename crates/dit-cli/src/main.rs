@@ -1,6 +1,7 @@
 //! `dit`: the command line of dit-rs. A thin layer: parse, call the library, write files.
 
 mod bench;
+mod decode;
 mod edit;
 mod eval;
 mod eval_builtin;
@@ -34,6 +35,8 @@ struct Cli {
 enum Command {
     /// Draw class-conditional samples (with no checkpoint: the embedded default model).
     Sample(Box<sample::SampleArgs>),
+    /// Decode saved latents (`sample --save-latents`) to images with the VAE.
+    Decode(decode::DecodeArgs),
     /// Image-to-image: noise a picture to `--strength` and denoise it for the given classes.
     Edit(Box<edit::EditArgs>),
     /// Inpainting: regenerate the masked region of a picture, keeping the rest.
@@ -107,6 +110,7 @@ fn run(command: Command, device: &candle_core::Device) -> anyhow::Result<()> {
     match command {
         Command::Sample(args) => sample::run(*args, device),
         Command::SampleMany(args) => sample_many::run(*args, device),
+        Command::Decode(args) => decode::run(args, device),
         Command::Edit(args) => edit::edit(*args, device),
         Command::Inpaint(args) => edit::inpaint(*args, device),
         Command::Convert {

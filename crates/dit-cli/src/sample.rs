@@ -1,6 +1,6 @@
 //! `dit sample`: the reference `sample.py` as a command.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -457,26 +457,28 @@ fn write_outputs(
     dtype: DType,
     cfg: &dit::DiTConfig,
 ) -> Result<()> {
-    let n = latents.dim(0)?;
     if let Some(p) = &a.save_latents {
         latents
             .write_npy(p)
             .with_context(|| format!("cannot write {}", p.display()))?;
         println!("wrote latents {:?} to {}", latents.dims(), p.display());
     }
-    if cfg.video.is_some() {
-        let Some(clips) = to_images(latents, vae, dtype, cfg)? else {
-            return Ok(());
-        };
-        let gif = a.out.with_extension("gif");
-        dit::image_io::save_clips(&clips, &a.out, &gif)?;
-        println!(
-            "wrote {} and {} ({n} clips)",
-            a.out.display(),
-            gif.display()
-        );
-        if let Some(dir) = &a.out_dir {
-            for (i, clip) in dit::image_io::clip_frames(&clips)?.iter().enumerate() {
+    match to_images(latents, vae, dtype, cfg)? {
+        Some(images) => save_images(&images, &a.out, a.out_dir.as_deref()),
+        None => Ok(()),
+    }
+}
+
+/// Writes images (N, 3, H, W) in [-1, 1] as a PNG grid at `out` and one PNG each in `out_dir`;
+/// clips (N, 3, T, H, W) as a grid of frames, `out` with .gif, and a GIF plus frames each.
+pub fn save_images(images: &Tensor, out: &Path, out_dir: Option<&Path>) -> Result<()> {
+    let n = images.dim(0)?;
+    if images.rank() == 5 {
+        let gif = out.with_extension("gif");
+        dit::image_io::save_clips(images, out, &gif)?;
+        println!("wrote {} and {} ({n} clips)", out.display(), gif.display());
+        if let Some(dir) = out_dir {
+            for (i, clip) in dit::image_io::clip_frames(images)?.iter().enumerate() {
                 dit::image_io::save_gif(clip, 125, &dir.join(format!("{i:06}.gif")))?;
                 for (f, frame) in clip.iter().enumerate() {
                     dit::image_io::save_png(frame, &dir.join(format!("{i:06}/{f:03}.png")))?;
@@ -486,13 +488,10 @@ fn write_outputs(
         }
         return Ok(());
     }
-    let Some(images) = to_images(latents, vae, dtype, cfg)? else {
-        return Ok(());
-    };
-    let rgb = dit::image_io::to_rgb_images(&images)?;
-    dit::image_io::save_png(&dit::image_io::make_grid(&rgb, 4, 2), &a.out)?;
-    println!("wrote {} ({} samples)", a.out.display(), n);
-    if let Some(dir) = &a.out_dir {
+    let rgb = dit::image_io::to_rgb_images(images)?;
+    dit::image_io::save_png(&dit::image_io::make_grid(&rgb, 4, 2), out)?;
+    println!("wrote {} ({n} samples)", out.display());
+    if let Some(dir) = out_dir {
         for (i, img) in rgb.iter().enumerate() {
             dit::image_io::save_png(img, &dir.join(format!("{i:06}.png")))?;
         }
@@ -546,22 +545,26 @@ pub fn to_images(
     if cfg.in_channels != 4 {
         return Ok(Some(latents.clamp(-1f32, 1f32)?));
     }
-    let Some(vae) = vae else {
-        return Ok(None);
-    };
+    match vae {
+        Some(vae) => Ok(Some(decode(latents, vae, dtype)?)),
+        None => Ok(None),
+    }
+}
+
+/// Latents (N, C, H, W), or clips (N, C, T, H, W), decoded one image (frame) at a time by the
+/// VAE, with a progress bar.
+pub fn decode(latents: &Tensor, vae: &dit::vae::Vae, dtype: DType) -> Result<Tensor> {
     if let &[n, c, t, h, w] = latents.dims() {
         // Clips: decoded frame by frame.
         let frames = latents
             .permute((0, 2, 1, 3, 4))?
             .reshape((n * t, c, h, w))?;
-        let Some(images) = to_images(&frames, Some(vae), dtype, cfg)? else {
-            return Ok(None);
-        };
+        let images = decode(&frames, vae, dtype)?;
         let (_, ic, ih, iw) = images.dims4()?;
         let clips = images
             .reshape((n, t, ic, ih, iw))?
             .permute((0, 2, 1, 3, 4))?;
-        return Ok(Some(clips.contiguous()?));
+        return Ok(clips.contiguous()?);
     }
     let n = latents.dim(0)?;
     let bar = ProgressBar::new(n as u64).with_message("decoding");
@@ -573,5 +576,5 @@ pub fn to_images(
         })
         .collect::<dit::Result<Vec<_>>>()?;
     bar.finish_and_clear();
-    Ok(Some(Tensor::cat(&imgs, 0)?))
+    Ok(Tensor::cat(&imgs, 0)?)
 }

@@ -1922,3 +1922,44 @@ fn bench_pack_times_packed_against_padded() {
     assert!(packed["seq_len"] == 64 && packed["tokens"] == padded["tokens"]);
     assert!(stdout.contains("packed/padded = "), "{stdout}");
 }
+
+#[test]
+fn decode_turns_saved_latents_into_diffusers_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let io =
+        candle_core::safetensors::load(fixture("tiny_vae_io.safetensors"), &Device::Cpu).unwrap();
+    let (lat, imgs, grid) = (
+        dir.path().join("lat.npy"),
+        dir.path().join("img.npy"),
+        dir.path().join("grid.png"),
+    );
+    io["latents"].write_npy(&lat).unwrap();
+    let vae = fixture("tiny_vae_folder");
+    let out = dit(&[
+        "decode",
+        p(&lat),
+        "--vae",
+        p(&vae),
+        "--out",
+        p(&grid),
+        "--save-images",
+        p(&imgs),
+    ]);
+    succeeds(&out);
+    // diffusers' AutoencoderKL decoded the same latents (tools/make_fixtures.py).
+    let got = Tensor::read_npy(&imgs).unwrap();
+    let e = rel_l2(&got, &io["decoded"]);
+    assert!(e < 1e-5, "decode rel L2 {e}");
+    assert!(grid.is_file());
+
+    // Latents of the wrong channel count are refused with their shape.
+    io["latents"]
+        .narrow(1, 0, 3)
+        .unwrap()
+        .write_npy(&lat)
+        .unwrap();
+    fails_with(
+        &dit(&["decode", p(&lat), "--vae", p(&vae), "--out", p(&grid)]),
+        "have shape [2, 3,",
+    );
+}
