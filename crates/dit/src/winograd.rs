@@ -77,6 +77,9 @@ impl Winograd3x3 {
             );
         }
         let c_out = self.c_out;
+        if n * h * w == 0 {
+            return Tensor::zeros((n, c_out, h, w), DType::F32, x.device());
+        }
         let bias = match bias {
             Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
             None => vec![0f32; c_out],
