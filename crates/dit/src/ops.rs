@@ -759,15 +759,21 @@ fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// x (N, C, H, W) zero-padded to (N, C, H + 3, W + 2): one pixel around, plus a spare row so
 /// the last taps may read past the final padded row.
 fn padded_input(x: &Tensor) -> Result<Vec<f32>> {
+    let (_, _, h, w) = x.dims4()?;
+    zero_padded(x, h + 3, w + 2)
+}
+
+/// x (N, C, H, W) zero-padded to (N, C, hp, wp): one row and column before the image, the
+/// rest after it (hp >= H + 2, wp >= W + 2).
+pub(crate) fn zero_padded(x: &Tensor, hp: usize, wp: usize) -> Result<Vec<f32>> {
     let (n, c, h, w) = x.dims4()?;
-    let (hp, wp) = (h + 3, w + 2);
     let mut out = vec![0f32; n * c * hp * wp];
     with_f32_slice(x, |xv| {
         out.par_chunks_mut(hp * wp)
             .zip(xv.par_chunks(h * w))
             .for_each(|(p, src)| {
                 for (y, row) in src.chunks_exact(w).enumerate() {
-                    p[(y + 1) * wp + 1..(y + 1) * wp + 1 + w].copy_from_slice(row);
+                    p[(y + 1) * wp + 1..][..w].copy_from_slice(row);
                 }
             })
     })?;

@@ -18,7 +18,7 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{with_avx512, SharedOut};
+use crate::ops::{with_avx512, zero_padded, SharedOut};
 
 thread_local! {
     /// Each worker's V and M, kept between blocks and calls (no zeroing, no page faults).
@@ -86,7 +86,7 @@ impl Winograd3x3 {
         };
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let (hp, wp) = (2 * th + 2, 2 * tw + 2);
-        let xpad = padded(x, hp, wp)?;
+        let xpad = zero_padded(x, hp, wp)?;
 
         // Whole tile rows per block, within the cache budget, and at least two blocks per thread.
         let per_tile = 16 * (c_in + c_out);
@@ -141,22 +141,6 @@ impl Winograd3x3 {
         });
         Tensor::from_vec(out, (n, c_out, h, w), x.device())
     }
-}
-
-/// x (N, C, H, W) zero-padded to (N, C, hp, wp) with one row and column before the image.
-fn padded(x: &Tensor, hp: usize, wp: usize) -> Result<Vec<f32>> {
-    let (n, c, h, w) = x.dims4()?;
-    let x = x.contiguous()?.flatten_all()?;
-    let xv = x.to_vec1::<f32>()?;
-    let mut out = vec![0f32; n * c * hp * wp];
-    out.par_chunks_mut(hp * wp)
-        .zip(xv.par_chunks(h * w))
-        .for_each(|(p, src)| {
-            for (y, row) in src.chunks_exact(w).enumerate() {
-                p[(y + 1) * wp + 1..][..w].copy_from_slice(row);
-            }
-        });
-    Ok(out)
 }
 
 /// V_ξ = (Bᵀ d B)_ξ for the tiles of tile rows ty0 .. ty0 + rows of one padded image, into
