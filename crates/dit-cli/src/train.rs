@@ -166,6 +166,13 @@ pub struct TrainArgs {
     /// Linear learning-rate warm-up over this many steps (0: constant, as the paper).
     #[arg(long, default_value_t = 0)]
     warmup: usize,
+    /// From this optimiser step on, decay the learning rate along a half cosine to --min-lr at
+    /// --steps (default: constant, as the paper).
+    #[arg(long)]
+    decay_from: Option<usize>,
+    /// The learning rate at the end of the decay.
+    #[arg(long, default_value_t = 0.0, requires = "decay_from")]
+    min_lr: f64,
     /// Mirror each training image with probability 1/2 (the paper's augmentation; off for
     /// digits, which are not mirror-symmetric).
     #[arg(long)]
@@ -255,6 +262,8 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
             .ema_decay
             .unwrap_or(if a.data.is_none() { 0.999 } else { 0.9999 }),
         warmup_steps: a.warmup,
+        decay: a.decay_from.map(|from| from..a.steps.max(from)),
+        min_lr: a.min_lr,
         loss: match a.loss {
             LossArg::Mse => LossKind::Mse,
             LossArg::L1 => LossKind::L1,
@@ -385,7 +394,8 @@ pub fn run(a: TrainArgs, dev: &Device) -> Result<()> {
             let secs = window_start.elapsed().as_secs_f64();
             let mean = window_loss / steps_in as f64;
             let line = serde_json::json!({
-                "step": step, "loss": mean, "steps_per_s": steps_in as f64 / secs,
+                "step": step, "loss": mean, "lr": tr.cfg.lr_at(step),
+                "steps_per_s": steps_in as f64 / secs,
                 "images_per_s": (steps_in * a.global_batch_size) as f64 / secs,
             });
             writeln!(log, "{line}")?;

@@ -207,6 +207,8 @@ fn train_logs_checkpoints_resumes_and_samples() {
         "3",
         "--warmup",
         "2",
+        "--decay-from",
+        "4",
     ];
     let mut args = vec!["--out", p(&out), "--steps", "6"];
     args.extend_from_slice(&tiny);
@@ -227,6 +229,9 @@ fn train_logs_checkpoints_resumes_and_samples() {
         .iter()
         .all(|l| l["loss"].as_f64().unwrap().is_finite()
             && l["images_per_s"].as_f64().unwrap() > 0.0));
+    // Warmed up by step 2, constant to step 4, decayed to --min-lr (0) at the last step.
+    let lr: Vec<f64> = lines.iter().map(|l| l["lr"].as_f64().unwrap()).collect();
+    assert!(lr[0] > 0.0 && lr[1] == lr[0] && lr[2] == 0.0, "{lr:?}");
     // A loss plot beside the checkpoints; an EMA sample grid at step 6 (10 classes x 2 rows of
     // 28 px with 2 px padding).
     let plot = image::open(out.join("loss.png")).unwrap();

@@ -128,6 +128,11 @@ pub struct TrainConfig {
     pub still_motion_free: bool,
     /// Steps of linear learning-rate warm-up (0: none, as the paper).
     pub warmup_steps: usize,
+    /// Optimiser steps over which the learning rate follows a half cosine from `lr` down to
+    /// `min_lr` (and stays there after); None: constant, as the paper. A final decay settles
+    /// fine detail that a constant rate keeps stirring.
+    pub decay: Option<std::ops::Range<usize>>,
+    pub min_lr: f64,
     /// The regression loss on the prediction (the paper: MSE).
     pub loss: crate::diffusion::LossKind,
     /// The dtype of the forward and backward passes. F32: plain training. BF16: mixed
@@ -137,6 +142,26 @@ pub struct TrainConfig {
     /// Packed training (patch n' pack): the share of each image's patches left out
     /// (NaViT's token dropping; 0: none).
     pub token_drop: f64,
+}
+
+impl TrainConfig {
+    /// The learning rate of optimiser step `step` (1-based): warm-up, then constant or decayed.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let warm = if self.warmup_steps > 0 {
+            (step as f64 / self.warmup_steps as f64).min(1.0)
+        } else {
+            1.0
+        };
+        let lr = match &self.decay {
+            Some(d) if step > d.start => {
+                let done = ((step - d.start) as f64 / d.len().max(1) as f64).min(1.0);
+                self.min_lr
+                    + (self.lr - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * done).cos())
+            }
+            _ => self.lr,
+        };
+        lr * warm
+    }
 }
 
 impl Default for TrainConfig {
@@ -151,6 +176,8 @@ impl Default for TrainConfig {
             motion_free: 0.1,
             still_motion_free: false,
             warmup_steps: 0,
+            decay: None,
+            min_lr: 0.0,
             loss: Default::default(),
             compute_dtype: DType::F32,
             token_drop: 0.0,
@@ -189,12 +216,7 @@ impl AdamW {
         grads: &HashMap<String, Tensor>,
     ) -> Result<()> {
         self.step += 1;
-        // Linear warm-up from 0 over the first `warmup_steps` steps, then constant.
-        let lr = if cfg.warmup_steps > 0 {
-            cfg.lr * (self.step as f64 / cfg.warmup_steps as f64).min(1.0)
-        } else {
-            cfg.lr
-        };
+        let lr = cfg.lr_at(self.step);
         let (b1, b2) = cfg.betas;
         let c1 = 1.0 - b1.powi(self.step as i32);
         let c2 = 1.0 - b2.powi(self.step as i32);
@@ -1198,6 +1220,32 @@ mod tests {
         let (p, w) = (moved(&plain), moved(&warm));
         assert!((p - 1e-4).abs() < 1e-6, "{p}");
         assert!((w - 0.25e-4).abs() < 1e-6, "{w}");
+    }
+
+    #[test]
+    fn learning_rate_warms_up_then_decays_along_a_half_cosine() {
+        let cfg = TrainConfig {
+            lr: 1e-3,
+            warmup_steps: 10,
+            decay: Some(100..200),
+            min_lr: 1e-4,
+            ..Default::default()
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(cfg.lr_at(5), 0.5e-3));
+        assert!(close(cfg.lr_at(50), 1e-3));
+        assert!(close(cfg.lr_at(100), 1e-3));
+        // Halfway down the cosine: the mean of the two rates; a quarter: 1/2 + 1/(2 sqrt 2).
+        assert!(close(cfg.lr_at(150), 0.55e-3));
+        assert!(close(
+            cfg.lr_at(125),
+            1e-4 + 9e-4 * (0.5 + 0.5 / 2f64.sqrt())
+        ));
+        assert!(close(cfg.lr_at(200), 1e-4));
+        assert!(close(cfg.lr_at(300), 1e-4));
+        // Without a decay the paper's constant rate.
+        let constant = TrainConfig::default();
+        assert!(close(constant.lr_at(1), 1e-4) && close(constant.lr_at(1_000_000), 1e-4));
     }
 
     #[test]
