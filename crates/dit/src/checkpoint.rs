@@ -377,13 +377,56 @@ pub fn load_dit(
     build_model(&cfg, tensors, dtype, device)
 }
 
+/// Writes tensors as safetensors at `path`, readable by whoever may read a file created there
+/// any other way: the safetensors crate writes through a private temporary file (mode 0600),
+/// which would leave checkpoints and latent shards unreadable to the rest of a group.
+pub fn save_safetensors(tensors: &Tensors, path: &Path) -> Result<()> {
+    candle_core::safetensors::save(tensors, path)?;
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let probe = path.with_extension("permissions-probe");
+    let usual = std::fs::File::create(&probe)
+        .and_then(|f| f.metadata())
+        .map_err(io)?
+        .permissions();
+    let _ = std::fs::remove_file(&probe);
+    std::fs::set_permissions(path, usual).map_err(io)
+}
+
 /// Writes tensors as safetensors atomically: a temporary file beside the target, then a rename,
 /// so a crash never leaves a half-written checkpoint under the final name.
 pub fn save_safetensors_atomic(tensors: &Tensors, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp)?;
+    save_safetensors(tensors, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|source| Error::Io {
         path: path.display().to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_tensors_get_the_permissions_of_any_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap();
+        let tensors = Tensors::from([("w".to_string(), t.clone())]);
+        save_safetensors_atomic(&tensors, &path).unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions();
+        assert_eq!(mode(&path), mode(&plain));
+        // Nothing left beside it, and the tensors read back.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(
+            back["w"].to_vec1::<f32>().unwrap(),
+            t.to_vec1::<f32>().unwrap()
+        );
+    }
 }

@@ -775,7 +775,7 @@ impl Trainer {
             tensors.insert(format!("opt.m.{name}"), self.opt.m[name].clone());
             tensors.insert(format!("opt.v.{name}"), self.opt.v[name].clone());
         }
-        candle_core::safetensors::save(&tensors, tmp.join("weights.safetensors"))?;
+        crate::checkpoint::save_safetensors(&tensors, &tmp.join("weights.safetensors"))?;
         let (seed, pos) = self.rng.state();
         let state = CheckpointState {
             step: self.opt.step,

@@ -156,7 +156,11 @@ impl LatentStoreWriter {
         ];
         let path = self.dir.join(&name);
         let tmp = path.with_extension("tmp");
-        candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)?;
+        let tensors = tensors
+            .map(|(k, t)| (k.to_string(), t))
+            .into_iter()
+            .collect();
+        crate::checkpoint::save_safetensors(&tensors, &tmp)?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
         self.index.shards.push((name, n));
         self.index.shard_shapes.push(shape);
