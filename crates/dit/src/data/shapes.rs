@@ -228,7 +228,7 @@ pub(crate) fn find(img: &[u8], size: usize) -> Option<Found> {
     }
     let k = count as f32;
     let colour = nearest(&COLOURS, sum.map(|v| v / k));
-    let shape = nearest_shape(&shape_mask, size, (sx / k, sy / k));
+    let shape = nearest_shape(&shape_mask, size, k, (sx / k, sy / k));
     Some(Found {
         colour,
         shape,
@@ -237,14 +237,13 @@ pub(crate) fn find(img: &[u8], size: usize) -> Option<Found> {
     })
 }
 
-/// Which of [`SHAPES`] a mask shows: the one whose rendering overlaps it best (intersection
+/// Which of [`SHAPES`] a mask (of `area` pixels) shows: the one whose rendering overlaps it best (intersection
 /// over union). Each candidate is drawn with the mask's area and centroid, then moved by up to a
 /// pixel and scaled by up to 10% to its best fit. Measures of the bounding box were tried first
 /// and misread generated shapes: one stray pixel stretches a box, and a square with a ragged edge
 /// or a one-pixel notch filled its box no better than a circle; an overlap of areas is not swayed
 /// by a few pixels either way, and favours no shape over another.
-fn nearest_shape(mask: &[bool], size: usize, centroid: (f32, f32)) -> usize {
-    let area = mask.iter().filter(|&&m| m).count() as f32;
+fn nearest_shape(mask: &[bool], size: usize, area: f32, centroid: (f32, f32)) -> usize {
     // The pixel centres' centroid, in the drawing's coordinates (pixel centres at +0.5).
     let (mx, my) = (centroid.0 + 0.5, centroid.1 + 0.5);
     let overlap = |shape: usize, (cx, cy): (f32, f32), radius: f32| {
