@@ -598,14 +598,11 @@ fn initial_weights(a: &TrainArgs, m: &NewModel) -> Result<(DiTConfig, dit::check
             hidden_size: a.hidden,
             depth: a.depth,
             num_heads: a.heads,
-            mlp_ratio: 4.0,
             num_classes,
-            learn_sigma: true,
-            schedule: Default::default(),
-            prediction: Default::default(),
             block: a.block.into(),
             text: m.text,
             video: video_config(m.frames, a.tubelet),
+            ..Default::default()
         },
     };
     let model = with_target(model, a);

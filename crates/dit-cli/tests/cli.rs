@@ -1111,14 +1111,9 @@ fn text_models_sample_from_prompts() {
         hidden_size: 64,
         depth: 2,
         num_heads: 4,
-        mlp_ratio: 4.0,
         num_classes: 0,
-        learn_sigma: true,
-        schedule: Default::default(),
-        prediction: Default::default(),
-        block: Default::default(),
         text: Some(dit::config::TextConditioning::single(384, 16)),
-        video: None,
+        ..Default::default()
     };
     let mut w = dit::train::reference_init(&cfg, &mut dit::rng::NoiseRng::new(0)).unwrap();
     for (k, v) in w.iter_mut() {

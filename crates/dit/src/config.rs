@@ -157,6 +157,30 @@ const GENTRON_SIZES: [(&str, usize, usize, usize); 2] = [
     ("GenTron-G/2", 48, 1664, 6656),
 ];
 
+/// DiT-XL/2 for 256 px ImageNet latents, the paper's headline model. Other configs are this with
+/// some fields changed (`DiTConfig { depth: 2, ..Default::default() }`), so a new field needs a
+/// default in one place only.
+impl Default for DiTConfig {
+    fn default() -> Self {
+        Self {
+            input_size: 32,
+            patch_size: 2,
+            in_channels: 4,
+            hidden_size: 1152,
+            depth: 28,
+            num_heads: 16,
+            mlp_ratio: 4.0,
+            num_classes: 1000,
+            learn_sigma: true,
+            schedule: Default::default(),
+            prediction: Default::default(),
+            block: Default::default(),
+            text: None,
+            video: None,
+        }
+    }
+}
+
 impl DiTConfig {
     /// A GenTron text-to-image config (`GenTron-XL/2`, `GenTron-G/2`) on SD-VAE latents of
     /// `image_size` pixels, for a text encoder of these widths and padded length.
@@ -218,18 +242,10 @@ impl DiTConfig {
         let cfg = Self {
             input_size: latent_size(image_size)?,
             patch_size: patch,
-            in_channels: 4,
             hidden_size,
             depth,
             num_heads,
-            mlp_ratio: 4.0,
-            num_classes: 1000,
-            learn_sigma: true,
-            schedule: Default::default(),
-            prediction: Default::default(),
-            block: Default::default(),
-            text: None,
-            video: None,
+            ..Self::default()
         };
         cfg.validate()?;
         Ok(cfg)
@@ -374,6 +390,11 @@ mod tests {
             (xl.input_size, xl.num_patches(), xl.out_channels()),
             (32, 256, 8)
         );
+        assert_eq!(
+            (xl.mlp_ratio, xl.num_classes, xl.in_channels, xl.learn_sigma),
+            (4.0, 1000, 4, true)
+        );
+        assert_eq!(xl, DiTConfig::default());
         assert_eq!(DiTConfig::named("DiT-S-8", 512).unwrap().num_patches(), 64);
     }
 

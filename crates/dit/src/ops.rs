@@ -979,23 +979,17 @@ fn rows_op<T: Elem + candle_core::WithDType>(
 /// LayerNorm without affine (eps 1e-6) then adaLN modulation, x * (1 + scale) + shift, in one
 /// pass: x (N, T, D), shift and scale (N, D).
 pub fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let op = RowWise3 {
+        name: "modulated-layer-norm",
+        f32: modulated_ln_rows,
+        bf16: modulated_ln_rows,
+        bwd: modulated_ln_bwd,
+    };
     #[cfg(feature = "cuda")]
-    if crate::ops_cuda::applies(&[x, shift, scale]) {
-        return crate::ops_cuda::modulated_layer_norm(x, shift, scale);
-    }
-    if !fusable(&[x, shift, scale]) {
-        return modulated_layer_norm_unfused(x, shift, scale);
-    }
-    x.contiguous()?.apply_op3(
-        &shift.contiguous()?,
-        &scale.contiguous()?,
-        RowWise3 {
-            name: "modulated-layer-norm",
-            f32: modulated_ln_rows,
-            bf16: modulated_ln_rows,
-            bwd: modulated_ln_bwd,
-        },
-    )
+    let on_gpu: Option<Op3> = Some(crate::ops_cuda::modulated_layer_norm);
+    #[cfg(not(feature = "cuda"))]
+    let on_gpu = None;
+    op.run([x, shift, scale], on_gpu, modulated_layer_norm_unfused)
 }
 
 /// The same computation with candle's tensor ops (any device and dtype).
@@ -1111,23 +1105,17 @@ fn modulated_ln_rows<T: Elem + candle_core::WithDType>(
 
 /// The gated residual of adaLN-Zero, x + gate * h, in one pass: x, h (N, T, D), gate (N, D).
 pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> Result<Tensor> {
+    let op = RowWise3 {
+        name: "gated-residual",
+        f32: gated_rows,
+        bf16: gated_rows,
+        bwd: gated_residual_bwd,
+    };
     #[cfg(feature = "cuda")]
-    if crate::ops_cuda::applies(&[x, gate, h]) {
-        return crate::ops_cuda::gated_residual(x, gate, h);
-    }
-    if !fusable(&[x, gate, h]) {
-        return gated_residual_unfused(x, gate, h);
-    }
-    x.contiguous()?.apply_op3(
-        &gate.contiguous()?,
-        &h.contiguous()?,
-        RowWise3 {
-            name: "gated-residual",
-            f32: gated_rows,
-            bf16: gated_rows,
-            bwd: gated_residual_bwd,
-        },
-    )
+    let on_gpu: Option<Op3> = Some(crate::ops_cuda::gated_residual);
+    #[cfg(not(feature = "cuda"))]
+    let on_gpu = None;
+    op.run([x, gate, h], on_gpu, gated_residual_unfused)
 }
 
 /// The same computation with candle's tensor ops (any device and dtype).
@@ -1178,6 +1166,28 @@ struct RowWise3 {
 
 /// (x, u, v, row length d, rows per sample t) -> output.
 type RowKernel<T> = fn(&[T], &[T], &[T], usize, usize) -> Vec<T>;
+
+/// A function of three tensors: a CUDA kernel or the unfused fallback of a [`RowWise3`].
+type Op3 = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+impl RowWise3 {
+    /// This op on the CPU, `on_gpu` where its CUDA kernels take the tensors, `unfused` (candle's
+    /// ops) anywhere else.
+    fn run(self, args: [&Tensor; 3], on_gpu: Option<Op3>, unfused: Op3) -> Result<Tensor> {
+        let [x, u, v] = args;
+        #[cfg(feature = "cuda")]
+        if let Some(kernel) = on_gpu.filter(|_| crate::ops_cuda::applies(&args)) {
+            return kernel(x, u, v);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = on_gpu;
+        if !fusable(&args) {
+            return unfused(x, u, v);
+        }
+        x.contiguous()?
+            .apply_op3(&u.contiguous()?, &v.contiguous()?, self)
+    }
+}
 
 /// Gradients of the three arguments of a ternary op.
 type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);

@@ -195,59 +195,18 @@ fn cpu_unsupported(name: &str) -> Result<(CpuStorage, Shape)> {
     candle_core::bail!("{name} is a CUDA kernel (ops routes CPU tensors elsewhere)")
 }
 
-/// The CPU side of a CUDA-only custom op of `$n` inputs, and its CUDA forward: `self.kernel`.
+/// The CPU side of a CUDA-only custom op, and its CUDA forward: `self.kernel`. Invoked with one
+/// (storage, layout) name pair per input: `cuda_forward!(s1 l1, s2 l2)` for a `CustomOp2`.
 macro_rules! cuda_forward {
-    (1) => {
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            cpu_unsupported(self.kernel().name)
-        }
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            self.kernel().run(&[(s, l)])
-        }
-    };
-    (2) => {
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            cpu_unsupported(self.kernel().name)
-        }
-        fn cuda_fwd(
-            &self,
-            s1: &CudaStorage,
-            l1: &Layout,
-            s2: &CudaStorage,
-            l2: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            self.kernel().run(&[(s1, l1), (s2, l2)])
-        }
-    };
-    (3) => {
+    ($($s:ident $l:ident),+) => {
         #[allow(clippy::too_many_arguments)]
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(&self, $($s: &CpuStorage, $l: &Layout),+) -> Result<(CpuStorage, Shape)> {
+            let _ = ($($s, $l),+);
             cpu_unsupported(self.kernel().name)
         }
-        fn cuda_fwd(
-            &self,
-            s1: &CudaStorage,
-            l1: &Layout,
-            s2: &CudaStorage,
-            l2: &Layout,
-            s3: &CudaStorage,
-            l3: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            self.kernel().run(&[(s1, l1), (s2, l2), (s3, l3)])
+        #[allow(clippy::too_many_arguments)]
+        fn cuda_fwd(&self, $($s: &CudaStorage, $l: &Layout),+) -> Result<(CudaStorage, Shape)> {
+            self.kernel().run(&[$(($s, $l)),+])
         }
     };
 }
@@ -257,21 +216,21 @@ impl CustomOp1 for Kernel {
     fn name(&self) -> &'static str {
         self.name
     }
-    cuda_forward!(1);
+    cuda_forward!(s l);
 }
 
 impl CustomOp2 for Kernel {
     fn name(&self) -> &'static str {
         self.name
     }
-    cuda_forward!(2);
+    cuda_forward!(s1 l1, s2 l2);
 }
 
 impl CustomOp3 for Kernel {
     fn name(&self) -> &'static str {
         self.name
     }
-    cuda_forward!(3);
+    cuda_forward!(s1 l1, s2 l2, s3 l3);
 }
 
 /// Sum over the tokens of (N, T, D) -> (N, D), as a batched product with a row of ones.
@@ -301,7 +260,7 @@ impl CustomOp3 for Op<ModLnBackward> {
     fn name(&self) -> &'static str {
         "dit-modln"
     }
-    cuda_forward!(3);
+    cuda_forward!(s1 l1, s2 l2, s3 l3);
     fn bwd(
         &self,
         x: &Tensor,
@@ -349,7 +308,7 @@ impl CustomOp3 for Op<GatedBackward> {
     fn name(&self) -> &'static str {
         "dit-gated-residual"
     }
-    cuda_forward!(3);
+    cuda_forward!(s1 l1, s2 l2, s3 l3);
     fn bwd(
         &self,
         _x: &Tensor,
@@ -389,7 +348,7 @@ impl CustomOp2 for Op<BiasBackward> {
     fn name(&self) -> &'static str {
         "dit-bias-add"
     }
-    cuda_forward!(2);
+    cuda_forward!(s1 l1, s2 l2);
     fn bwd(
         &self,
         y: &Tensor,
@@ -422,7 +381,7 @@ impl CustomOp1 for Op<GeluBackward> {
     fn name(&self) -> &'static str {
         "dit-gelu-tanh"
     }
-    cuda_forward!(1);
+    cuda_forward!(s l);
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // g * GELU'(x) in one pass (candle's own GELU backward takes about ten).
         let bwd = Kernel::elementwise("gelu_bwd", arg, &[]);
@@ -486,7 +445,7 @@ impl CustomOp1 for Op<Heads> {
     fn name(&self) -> &'static str {
         "dit-attention-heads"
     }
-    cuda_forward!(1);
+    cuda_forward!(s l);
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let back = self.backward.kernel(true);
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
@@ -499,7 +458,7 @@ impl CustomOp1 for Op<SoftmaxBackward> {
     fn name(&self) -> &'static str {
         "dit-softmax"
     }
-    cuda_forward!(1);
+    cuda_forward!(s l);
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // From the output p: dx = p (g - sum(g p)), per row.
         let mut bwd = self.kernel.clone();

@@ -370,14 +370,8 @@ mod tests {
             hidden_size: 32,
             depth: 1,
             num_heads: 2,
-            mlp_ratio: 4.0,
             num_classes: 3,
-            learn_sigma: true,
-            schedule: Default::default(),
-            prediction: Default::default(),
-            block: Default::default(),
-            text: None,
-            video: None,
+            ..Default::default()
         };
         let mut rng = NoiseRng::new(9);
         let tensors = crate::checkpoint::expected_shapes(&cfg)

@@ -888,14 +888,8 @@ mod tests {
             hidden_size: 64,
             depth: 2,
             num_heads: 4,
-            mlp_ratio: 4.0,
             num_classes: 10,
-            learn_sigma: true,
-            schedule: Default::default(),
-            prediction: Default::default(),
-            block: Default::default(),
-            text: None,
-            video: None,
+            ..Default::default()
         }
     }
 

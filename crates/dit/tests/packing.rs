@@ -22,19 +22,11 @@ fn dev() -> Device {
 fn config() -> DiTConfig {
     DiTConfig {
         input_size: 8,
-        patch_size: 2,
-        in_channels: 4,
         hidden_size: 32,
         depth: 2,
         num_heads: 2,
-        mlp_ratio: 4.0,
         num_classes: 5,
-        learn_sigma: true,
-        schedule: Default::default(),
-        prediction: Default::default(),
-        block: Default::default(),
-        text: None,
-        video: None,
+        ..Default::default()
     }
 }
 

@@ -92,27 +92,38 @@ fn check_model(name: &str, heads: usize, steps: usize) {
 
     // DDIM sampling from the same noise, guidance 1 and 4: the done-when criterion (< 1e-4).
     for scale in [1.0, 4.0] {
-        let opts = SampleOptions {
-            steps,
-            sampler: Sampler::Ddim { eta: 0.0 },
-            cfg_scale: scale,
-            cfg_channels: GuidedChannels::Reference,
-            clip_denoised: false,
-            motion_scale: None,
-        };
-        let x = sample_latents(
-            &model,
-            &labels(&f["labels"]),
-            f["noise"].clone(),
-            &opts,
-            &mut NoiseRng::new(0),
-            |_| {},
-        )
-        .unwrap();
+        let x = ddim_from_fixture_noise(&model, &f, steps, scale);
         let key = format!("ddim{steps}_cfg{}", scale as i32);
         let e = rel_l2(&x, &f[&key]);
         assert!(e < 1e-4, "{name} {key} rel L2 {e}");
     }
+}
+
+/// Deterministic DDIM (eta 0) from the fixture's noise and labels, guided as the reference.
+fn ddim_from_fixture_noise(
+    model: &dit::DiT,
+    f: &HashMap<String, Tensor>,
+    steps: usize,
+    cfg_scale: f64,
+) -> Tensor {
+    let opts = SampleOptions {
+        steps,
+        sampler: Sampler::Ddim { eta: 0.0 },
+        cfg_scale,
+        cfg_channels: GuidedChannels::Reference,
+        clip_denoised: false,
+        motion_scale: None,
+    };
+    let labels = labels(&f["labels"]);
+    sample_latents(
+        model,
+        &labels,
+        f["noise"].clone(),
+        &opts,
+        &mut NoiseRng::new(0),
+        |_| {},
+    )
+    .unwrap()
 }
 
 #[test]
@@ -143,23 +154,7 @@ fn bf16_forward_and_sampling_stay_close_to_f32() {
     // bf16 keeps 8 bits of mantissa: ~0.4% per rounding; a wrong kernel is off by O(1).
     eprintln!("bf16 forward rel L2 vs f32 reference: {e:.2e}");
     assert!(e < 2e-2, "bf16 forward rel L2 {e}");
-    let opts = SampleOptions {
-        steps: 10,
-        sampler: Sampler::Ddim { eta: 0.0 },
-        cfg_scale: 4.0,
-        cfg_channels: GuidedChannels::Reference,
-        clip_denoised: false,
-        motion_scale: None,
-    };
-    let x = sample_latents(
-        &model,
-        &labels(&f["labels"]),
-        f["noise"].clone(),
-        &opts,
-        &mut NoiseRng::new(0),
-        |_| {},
-    )
-    .unwrap();
+    let x = ddim_from_fixture_noise(&model, &f, 10, 4.0);
     let e = rel_l2(&x, &f["ddim10_cfg4"]);
     eprintln!("bf16 10-step DDIM latents rel L2 vs f32 reference: {e:.2e}");
     assert!(e < 2e-2, "bf16 DDIM rel L2 {e}");

@@ -236,14 +236,10 @@ fn a_text_video_model_trains_and_samples_with_motion_free_guidance() {
         hidden_size: 32,
         depth: 2,
         num_heads: 2,
-        mlp_ratio: 4.0,
         num_classes: 0,
-        learn_sigma: true,
-        schedule: Default::default(),
-        prediction: Default::default(),
-        block: Default::default(),
         text: Some(dit::config::TextConditioning::single(16, 4)),
         video: Some(VideoConfig::frames(3)),
+        ..Default::default()
     };
     let init = reference_init(&cfg, &mut NoiseRng::new(0)).unwrap();
     let tc = TrainConfig {

@@ -9,7 +9,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::shapes::{draw, find, BACKGROUNDS, COLOURS, SHAPES};
+use super::shapes::{draw, find, Hits, BACKGROUNDS, COLOURS, SHAPES};
 
 pub const DIRECTIONS: [&str; 4] = ["left", "right", "up", "down"];
 
@@ -206,7 +206,7 @@ pub fn measure(clips: &candle_core::Tensor, wanted: &[Motion]) -> crate::Result<
         .flatten_all()?
         .to_vec1::<u8>()?;
     let frame = size * size * 3;
-    let mut hits = [0usize; 5];
+    let mut hits = Hits::default();
     for (i, want) in wanted.iter().enumerate().take(n) {
         let frames: Vec<&[u8]> = (0..t)
             .map(|f| &u8s[(i * t + f) * frame..][..frame])
@@ -214,24 +214,20 @@ pub fn measure(clips: &candle_core::Tensor, wanted: &[Motion]) -> crate::Result<
         let Some(got) = analyse(&frames, size) else {
             continue;
         };
-        let checks = [
+        hits.add([
             got.direction == Some(want.direction),
             got.colour == want.colour,
             got.shape == want.shape,
             got.background == want.background,
-        ];
-        for (h, c) in hits.iter_mut().zip(checks) {
-            *h += usize::from(c);
-        }
-        hits[4] += usize::from(checks.iter().all(|&c| c));
+        ]);
     }
-    let f = |h: usize| h as f64 / n.max(1) as f64;
+    let [direction, colour, shape, background, all] = hits.rates(n);
     Ok(MotionAccuracy {
-        direction: f(hits[0]),
-        colour: f(hits[1]),
-        shape: f(hits[2]),
-        background: f(hits[3]),
-        all: f(hits[4]),
+        direction,
+        colour,
+        shape,
+        background,
+        all,
         clips: n,
     })
 }

@@ -353,33 +353,47 @@ pub fn measure(images: &candle_core::Tensor, wanted: &[Scene]) -> crate::Result<
         .to_dtype(candle_core::DType::U8)?
         .flatten_all()?
         .to_vec1::<u8>()?;
-    let mut hits = [0usize; 5];
+    let mut hits = Hits::default();
     let mut shape_read = [[0usize; 4]; 3];
     for (i, want) in wanted.iter().enumerate().take(n) {
         let got = analyse(&u8s[i * size * size * 3..][..size * size * 3], size);
         shape_read[want.shape][got.map_or(SHAPES.len(), |g| g.shape)] += 1;
         let Some(got) = got else { continue };
-        let checks = [
+        hits.add([
             got.colour == want.colour,
             got.shape == want.shape,
             got.position == want.position,
             got.background == want.background,
-        ];
-        for (h, c) in hits.iter_mut().zip(checks) {
-            *h += usize::from(c);
-        }
-        hits[4] += usize::from(checks.iter().all(|&c| c));
+        ]);
     }
-    let f = |h: usize| h as f64 / n.max(1) as f64;
+    let [colour, shape, position, background, all] = hits.rates(n);
     Ok(AttributeAccuracy {
-        colour: f(hits[0]),
-        shape: f(hits[1]),
-        position: f(hits[2]),
-        background: f(hits[3]),
-        all: f(hits[4]),
+        colour,
+        shape,
+        position,
+        background,
+        all,
         images: n,
         shape_read,
     })
+}
+
+/// Counts of four attribute checks, and of all four at once, over the samples measured.
+#[derive(Default)]
+pub(crate) struct Hits([usize; 5]);
+
+impl Hits {
+    pub(crate) fn add(&mut self, checks: [bool; 4]) {
+        for (h, c) in self.0.iter_mut().zip(checks) {
+            *h += usize::from(c);
+        }
+        self.0[4] += usize::from(checks.iter().all(|&c| c));
+    }
+
+    /// Each count as a share of `n` samples (a sample with nothing readable counts as a miss).
+    pub(crate) fn rates(&self, n: usize) -> [f64; 5] {
+        self.0.map(|h| h as f64 / n.max(1) as f64)
+    }
 }
 
 #[cfg(test)]

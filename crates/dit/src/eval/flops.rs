@@ -177,19 +177,12 @@ mod tests {
             serde_json::from_str(include_str!("../../../../tests/fixtures/flops.json")).unwrap();
         let small = |hidden, input_size, in_channels| DiTConfig {
             input_size,
-            patch_size: 2,
             in_channels,
             hidden_size: hidden,
             depth: 2,
             num_heads: 2,
-            mlp_ratio: 4.0,
             num_classes: 0,
-            learn_sigma: true,
-            schedule: Default::default(),
-            prediction: Default::default(),
-            block: BlockDesign::AdaLnZero,
-            text: None,
-            video: None,
+            ..Default::default()
         };
         let text = |width, pooled_dim, tokens| crate::config::TextConditioning {
             pooled_dim,

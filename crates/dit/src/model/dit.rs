@@ -107,6 +107,21 @@ impl TextBatch {
         self.try_map(|t| t.narrow(0, start, len))
     }
 
+    /// These prompts, then `copies` times as many rows of `empty` (one row: the empty prompt's
+    /// encoding): the unconditional halves (thirds) of a guided batch.
+    pub fn followed_by_empty(&self, empty: &TextBatch, copies: usize) -> Result<Self> {
+        let n = self.len()?;
+        self.try_zip(empty, |a, e| {
+            let mut shape = e.dims().to_vec();
+            shape[0] = n;
+            let e = e.to_dtype(a.dtype())?.broadcast_as(shape)?;
+            let parts: Vec<Tensor> = std::iter::once(a.clone())
+                .chain(std::iter::repeat_n(e, copies))
+                .collect();
+            Tensor::cat(&parts, 0)
+        })
+    }
+
     /// The rows where `drop` is set replaced by `empty` (one row: the empty prompt's encoding),
     /// classifier-free guidance's text dropout.
     pub fn with_dropped(&self, drop: &[bool], empty: &TextBatch) -> Result<Self> {
@@ -575,12 +590,7 @@ impl DiT {
         scale: f64,
         channels: GuidedChannels,
     ) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let both = text.try_zip(empty, |a, e| {
-            let mut shape = e.dims().to_vec();
-            shape[0] = n;
-            Tensor::cat(&[a, &e.to_dtype(a.dtype())?.broadcast_as(shape)?], 0)
-        })?;
+        let both = text.followed_by_empty(empty, 1)?;
         let out = self.forward_text(
             &Tensor::cat(&[x, x], 0)?,
             &Tensor::cat(&[t, t], 0)?,
@@ -624,12 +634,7 @@ impl DiT {
         channels: GuidedChannels,
     ) -> Result<Tensor> {
         let n = x.dim(0)?;
-        let three = text.try_zip(empty, |a, e| {
-            let mut shape = e.dims().to_vec();
-            shape[0] = n;
-            let e = e.to_dtype(a.dtype())?.broadcast_as(shape)?;
-            Tensor::cat(&[a, &e, &e], 0)
-        })?;
+        let three = text.followed_by_empty(empty, 2)?;
         let mut motion = vec![1f32; 2 * n];
         motion.resize(3 * n, 0.0);
         let motion = Tensor::from_vec(motion, 3 * n, x.device())?;
