@@ -953,6 +953,20 @@ fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Re
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
+/// A function of three tensors: a CUDA kernel or the unfused fallback of a [`RowWise3`].
+type Op3 = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+/// `Some(kernel)` in a CUDA build, `None` in others (where the path does not exist).
+macro_rules! cuda_kernel {
+    ($kernel:path) => {{
+        #[cfg(feature = "cuda")]
+        let k: Option<Op3> = Some($kernel);
+        #[cfg(not(feature = "cuda"))]
+        let k: Option<Op3> = None;
+        k
+    }};
+}
+
 /// Row-wise kernel over x (N, T, D) with per-sample vectors u, v (N, D): `f(x_row, u_row, v_row,
 /// out_row)`; rows in parallel.
 fn rows_op<T: Elem + candle_core::WithDType>(
@@ -985,10 +999,7 @@ pub fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Resul
         bf16: modulated_ln_rows,
         bwd: modulated_ln_bwd,
     };
-    #[cfg(feature = "cuda")]
-    let on_gpu: Option<Op3> = Some(crate::ops_cuda::modulated_layer_norm);
-    #[cfg(not(feature = "cuda"))]
-    let on_gpu = None;
+    let on_gpu = cuda_kernel!(crate::ops_cuda::modulated_layer_norm);
     op.run([x, shift, scale], on_gpu, modulated_layer_norm_unfused)
 }
 
@@ -1111,10 +1122,7 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> Result<Tensor> {
         bf16: gated_rows,
         bwd: gated_residual_bwd,
     };
-    #[cfg(feature = "cuda")]
-    let on_gpu: Option<Op3> = Some(crate::ops_cuda::gated_residual);
-    #[cfg(not(feature = "cuda"))]
-    let on_gpu = None;
+    let on_gpu = cuda_kernel!(crate::ops_cuda::gated_residual);
     op.run([x, gate, h], on_gpu, gated_residual_unfused)
 }
 
@@ -1166,9 +1174,6 @@ struct RowWise3 {
 
 /// (x, u, v, row length d, rows per sample t) -> output.
 type RowKernel<T> = fn(&[T], &[T], &[T], usize, usize) -> Vec<T>;
-
-/// A function of three tensors: a CUDA kernel or the unfused fallback of a [`RowWise3`].
-type Op3 = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
 
 impl RowWise3 {
     /// This op on the CPU, `on_gpu` where its CUDA kernels take the tensors, `unfused` (candle's
