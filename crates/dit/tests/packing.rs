@@ -13,7 +13,7 @@ use dit::model::{PackedConditions, Packing, TextTokens};
 use dit::rng::NoiseRng;
 use dit::{DiT, DiTConfig};
 
-use common::max_abs_diff;
+use common::{abs_max, abs_sum, max_abs_diff};
 
 fn dev() -> Device {
     Device::Cpu
@@ -171,19 +171,7 @@ fn nothing_crosses_between_packed_images() {
         .forward_packed(&inputs, &t, PackedConditions::Labels(&y), &packing)
         .unwrap();
     let grads = out[0].sqr().unwrap().sum_all().unwrap().backward().unwrap();
-    let norm = |v: &Var| {
-        grads
-            .get(v.as_tensor())
-            .map(|g| {
-                g.abs()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            })
-            .unwrap_or(0.0)
-    };
+    let norm = |v: &Var| grads.get(v.as_tensor()).map(abs_sum).unwrap_or(0.0);
     assert!(norm(&vars[0]) > 0.0);
     for (i, v) in vars.iter().enumerate().skip(1) {
         assert_eq!(norm(v), 0.0, "gradient reached image {i}");
@@ -411,13 +399,7 @@ fn packed_sampling_runs_each_images_own_chain() {
             let alone =
                 sample_latents(&m, &labels[i..i + 1], x.clone(), &opts, &mut rng, |_| {}).unwrap();
             // Random weights make large latents: compare relative to their size.
-            let scale = alone
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = abs_max(&alone);
             let d = max_abs_diff(&packed[i], &alone) / scale.max(1.0);
             assert!(d < 1e-5, "{sampler:?} image {i}: {d} (of {scale})");
             assert!(max_abs_diff(&packed[i], x) > 0.1, "the chain moved");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::fixture;
+use common::{abs_max, abs_sum, fixture};
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -379,16 +379,7 @@ fn gentron_text_model_matches_torch_and_honours_the_mask() {
         fresh.forward_text(&x, &t, &[tokens], &pooled).unwrap()
     };
     let (a, b) = (run(&inp("text")), run(&text2.neg().unwrap()));
-    assert!(
-        rel_l2(&a, &b) < 1e-7
-            && a.abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-    );
+    assert!(rel_l2(&a, &b) < 1e-7 && abs_sum(&a) > 0.0);
 }
 
 #[test]
@@ -461,21 +452,13 @@ fn hybrid_training_loss_matches_the_reference_terms() {
         .unwrap();
     let grads = terms.vb.unwrap().sum_all().unwrap().backward().unwrap();
     let g = grads.get(out.as_tensor()).unwrap();
-    let norm = |t: Tensor| {
-        t.abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     assert_eq!(
-        norm(g.narrow(1, 0, 4).unwrap()),
+        abs_sum(&g.narrow(1, 0, 4).unwrap()),
         0.0,
         "VB gradient leaked into eps"
     );
     assert!(
-        norm(g.narrow(1, 4, 4).unwrap()) > 0.0,
+        abs_sum(&g.narrow(1, 4, 4).unwrap()) > 0.0,
         "no VB gradient on the variance"
     );
 }
@@ -530,16 +513,7 @@ fn clip_denoised_clamps_x0_before_the_posterior() {
     let mv = d.p_mean_variance(&f["ddpm_out"], &f["x"], &ts).unwrap();
     let clamped = f["ddpm_x0"].clamp(-1f32, 1f32).unwrap();
     // The unclipped x0 of this fixture leaves [-1, 1], so the clamp is exercised.
-    assert!(
-        f["ddpm_x0"]
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            > 1.0
-    );
+    assert!(abs_max(&f["ddpm_x0"]) > 1.0);
     assert!(rel_l2(&mv.pred_xstart, &clamped) < 1e-6);
     let (mean, _, _) = d.q_posterior(&clamped, &f["x"], &ts).unwrap();
     assert!(rel_l2(&mv.mean, &mean) < 1e-6);

@@ -35,14 +35,15 @@ pub fn fetched(env_var: &str, name: &str, script: &str) -> Option<PathBuf> {
 
 /// Largest absolute elementwise difference.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    abs_max(&(a - b).unwrap())
+}
+
+/// Sum of the absolute values (f32): 0 exactly when every element is 0.
+pub fn abs_sum(t: &Tensor) -> f32 {
+    t.abs().unwrap().sum_all().unwrap().to_scalar().unwrap()
+}
+
+/// Largest absolute value (f32).
+pub fn abs_max(t: &Tensor) -> f32 {
+    t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
 }
