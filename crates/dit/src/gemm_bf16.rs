@@ -228,9 +228,10 @@ impl Module for Linear {
                 *shape.last_mut().expect("rank >= 1") = w.n;
                 Tensor::from_vec(y, shape, x.device())
             }
-            _ if x.track_op() || self.inner.weight().track_op() || !x.device().is_cpu() => {
-                // Training: one 2-D GEMM onto the bias (its backward pass: GEMMs too). GPUs:
-                // a 2-D GEMM and the fused bias kernel.
+            _ => {
+                // All rows as one 2-D GEMM onto the bias (its backward pass: GEMMs too; GPUs: the
+                // fused bias kernel after it). candle-nn's Linear broadcasts the weight over the
+                // batch, which runs one GEMM per sample and packs the weight again for each.
                 let dims = x.dims().to_vec();
                 let k = *dims.last().unwrap_or(&0);
                 let w = self.inner.weight();
@@ -243,7 +244,6 @@ impl Module for Linear {
                 *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
                 y.reshape(shape)
             }
-            _ => self.inner.forward(x),
         }
     }
 }
