@@ -192,22 +192,39 @@ unsafe fn kernel(_: &[bf16], _: usize, _: &[bf16], _: usize, _: usize, _: &mut [
 pub struct Linear {
     inner: candle_nn::Linear,
     packed: Option<(PackedWeight, Option<Vec<f32>>)>,
+    /// Fixed f32 CPU weights stored transposed, W^T (K, N) row-major: the GEMM packs its panels
+    /// with vector copies instead of a gather across W's rows (a quarter of the time of
+    /// 16-token images). `inner` then holds the (N, K) view of the same storage.
+    transposed: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(inner: candle_nn::Linear) -> Result<Self> {
         let w = inner.weight();
-        let packed =
-            if w.device().is_cpu() && w.dtype() == DType::BF16 && !w.track_op() && available() {
-                let bias = inner
-                    .bias()
-                    .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-                    .transpose()?;
-                Some((PackedWeight::new(w)?, bias))
-            } else {
-                None
-            };
-        Ok(Self { inner, packed })
+        let fixed_cpu = w.device().is_cpu() && !w.track_op();
+        let packed = if fixed_cpu && w.dtype() == DType::BF16 && available() {
+            let bias = inner
+                .bias()
+                .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .transpose()?;
+            Some((PackedWeight::new(w)?, bias))
+        } else {
+            None
+        };
+        if fixed_cpu && w.dtype() == DType::F32 && inner.bias().is_some() {
+            let wt = w.t()?.contiguous()?;
+            let inner = candle_nn::Linear::new(wt.t()?, inner.bias().cloned());
+            return Ok(Self {
+                inner,
+                packed,
+                transposed: Some(wt),
+            });
+        }
+        Ok(Self {
+            inner,
+            packed,
+            transposed: None,
+        })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -217,6 +234,17 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(wt), Some(b)) = (&self.transposed, self.inner.bias()) {
+            if x.dtype() == DType::F32 && x.device().is_cpu() && !x.track_op() {
+                let dims = x.dims().to_vec();
+                let k = *dims.last().unwrap_or(&0);
+                let x2 = x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?;
+                let y = crate::ops::linear_transposed(&x2, wt, b)?;
+                let mut shape = dims;
+                *shape.last_mut().expect("rank >= 1") = wt.dim(1)?;
+                return y.reshape(shape);
+            }
+        }
         match &self.packed {
             Some((w, bias)) if x.dtype() == DType::BF16 && !x.track_op() => {
                 let dims = x.dims().to_vec();

@@ -215,6 +215,68 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 struct LinearOp;
 
+/// x (m x k, row-major) times the k x n matrix at `rhs` with (column, row) strides, onto the
+/// bias b (n) in every row: one multi-threaded GEMM.
+fn gemm_onto_bias(
+    x: &[f32],
+    (m, k, n): (usize, usize, usize),
+    rhs: &[f32],
+    (rhs_cs, rhs_rs): (usize, usize),
+    b: &[f32],
+) -> Vec<f32> {
+    assert!(x.len() >= m * k && rhs.len() >= k * n && b.len() == n);
+    assert!((k.max(1) - 1) * rhs_rs + (n.max(1) - 1) * rhs_cs < rhs.len().max(1));
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    for _ in 0..m {
+        out.extend_from_slice(b);
+    }
+    // SAFETY: out is m x n (row stride n), x is m x k (row stride k), rhs is read at
+    // kk * rhs_rs + j * rhs_cs for kk < k, j < n: all in bounds (asserted above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    out
+}
+
+/// Inference x W^T + b for x (M, K) and a weight stored transposed, wt = W^T (K, N) row-major,
+/// f32 on the CPU (no gradient).
+pub fn linear_transposed(x: &Tensor, wt: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let ((m, k), (k2, n)) = (x.dims2()?, wt.dims2()?);
+    if k != k2 || b.dims1()? != n {
+        candle_core::bail!(
+            "linear: x {:?}, W^T {:?}, b {:?}",
+            x.shape(),
+            wt.shape(),
+            b.shape()
+        );
+    }
+    let b = b.to_vec1::<f32>()?;
+    let out = with_f32_slice(x, |x| {
+        with_f32_slice(wt, |w| gemm_onto_bias(x, (m, k, n), w, (1, n), &b))
+    })??;
+    Tensor::from_vec(out, (m, n), &candle_core::Device::Cpu)
+}
+
 impl candle_core::CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
         "linear"
@@ -244,35 +306,8 @@ impl candle_core::CustomOp3 for LinearOp {
             cpu_slice::<f32>(s2, l2)?,
             cpu_slice::<f32>(s3, l3)?,
         );
-        let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        for _ in 0..m {
-            out.extend_from_slice(b);
-        }
-        // SAFETY: out is m x n (row stride n), x is m x k (row stride k), W^T is read from the
-        // n x k row-major w with strides (1, k); all in bounds.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                true,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            );
-        }
+        // W^T (k x n) read from the n x k row-major w: column stride k, row stride 1.
+        let out = gemm_onto_bias(x, (m, k, n), w, (k, 1), b);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
@@ -1371,6 +1406,38 @@ mod tests {
             let diff = max_abs_diff(&fused, &plain);
             assert!(diff < 1e-5, "n={n} t={t} d={d} h={h}: max diff {diff}");
         }
+    }
+
+    #[test]
+    fn linear_with_transposed_weights_matches_matmul() {
+        let dev = Device::Cpu;
+        for (n, t, k, o) in [(2, 5, 7, 3), (3, 16, 64, 96), (1, 1, 1, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (n, t, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (o, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, o, &dev).unwrap();
+            let want = x
+                .broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let rows = x.reshape((n * t, k)).unwrap();
+            let got = linear_transposed(&rows, &w.t().unwrap().contiguous().unwrap(), &b).unwrap();
+            let diff = max_abs_diff(&got.reshape((n, t, o)).unwrap(), &want);
+            assert!(diff < 1e-4, "{n} {t} {k} {o}: {diff}");
+            // The model's Linear stores such weights transposed and still reports W (o, k).
+            let layer =
+                crate::gemm_bf16::Linear::new(candle_nn::Linear::new(w.clone(), Some(b))).unwrap();
+            assert_eq!(layer.weight().dims(), &[o, k]);
+            assert_eq!(max_abs_diff(layer.weight(), &w), 0.0);
+            let diff = max_abs_diff(&candle_core::Module::forward(&layer, &x).unwrap(), &want);
+            assert!(diff < 1e-4, "Linear {n} {t} {k} {o}: {diff}");
+        }
+        let bad = linear_transposed(
+            &Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
+            &Tensor::zeros((4, 5), DType::F32, &dev).unwrap(),
+            &Tensor::zeros(5, DType::F32, &dev).unwrap(),
+        );
+        assert!(bad.unwrap_err().to_string().contains("[4, 5]"));
     }
 
     #[test]
