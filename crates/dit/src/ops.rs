@@ -1028,15 +1028,16 @@ fn rows_op<T: Elem + candle_core::WithDType>(
 /// LayerNorm without affine (eps 1e-6) then adaLN modulation, x * (1 + scale) + shift, in one
 /// pass: x (N, T, D), shift and scale (N, D).
 pub fn modulated_layer_norm(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    let op = RowWise3 {
-        name: "modulated-layer-norm",
-        f32: modulated_ln_rows,
-        bf16: modulated_ln_rows,
-        bwd: modulated_ln_bwd,
-    };
     let on_gpu = cuda_kernel!(crate::ops_cuda::modulated_layer_norm);
-    op.run([x, shift, scale], on_gpu, modulated_layer_norm_unfused)
+    MODULATED_LN.run([x, shift, scale], on_gpu, modulated_layer_norm_unfused)
 }
+
+const MODULATED_LN: RowWise3 = RowWise3 {
+    name: "modulated-layer-norm",
+    f32: modulated_ln_rows,
+    bf16: modulated_ln_rows,
+    bwd: modulated_ln_bwd,
+};
 
 /// The same computation with candle's tensor ops (any device and dtype).
 pub fn modulated_layer_norm_unfused(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
@@ -1151,15 +1152,16 @@ fn modulated_ln_rows<T: Elem + candle_core::WithDType>(
 
 /// The gated residual of adaLN-Zero, x + gate * h, in one pass: x, h (N, T, D), gate (N, D).
 pub fn gated_residual(x: &Tensor, gate: &Tensor, h: &Tensor) -> Result<Tensor> {
-    let op = RowWise3 {
-        name: "gated-residual",
-        f32: gated_rows,
-        bf16: gated_rows,
-        bwd: gated_residual_bwd,
-    };
     let on_gpu = cuda_kernel!(crate::ops_cuda::gated_residual);
-    op.run([x, gate, h], on_gpu, gated_residual_unfused)
+    GATED_RESIDUAL.run([x, gate, h], on_gpu, gated_residual_unfused)
 }
+
+const GATED_RESIDUAL: RowWise3 = RowWise3 {
+    name: "gated-residual",
+    f32: gated_rows,
+    bf16: gated_rows,
+    bwd: gated_residual_bwd,
+};
 
 /// The same computation with candle's tensor ops (any device and dtype).
 pub fn gated_residual_unfused(x: &Tensor, gate: &Tensor, h: &Tensor) -> Result<Tensor> {
@@ -1199,6 +1201,7 @@ fn gated_rows<T: Elem + candle_core::WithDType>(
 
 /// A fused row-wise op of three same-dtype CPU tensors (x, per-sample u, per-sample v or
 /// per-row h), with one kernel per element type.
+#[derive(Clone, Copy)]
 struct RowWise3 {
     name: &'static str,
     f32: RowKernel<f32>,
