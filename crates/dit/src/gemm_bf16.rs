@@ -236,13 +236,9 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let (Some(wt), Some(b)) = (&self.transposed, self.inner.bias()) {
             if x.dtype() == DType::F32 && x.device().is_cpu() && !x.track_op() {
-                let dims = x.dims().to_vec();
-                let k = *dims.last().unwrap_or(&0);
-                let x2 = x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?;
-                let y = crate::ops::linear_transposed(&x2, wt, b)?;
-                let mut shape = dims;
-                *shape.last_mut().expect("rank >= 1") = wt.dim(1)?;
-                return y.reshape(shape);
+                return on_rows(x, wt.dim(1)?, |rows| {
+                    crate::ops::linear_transposed(rows, wt, b)
+                });
             }
         }
         match &self.packed {
@@ -260,20 +256,23 @@ impl Module for Linear {
                 // All rows as one 2-D GEMM onto the bias (its backward pass: GEMMs too; GPUs: the
                 // fused bias kernel after it). candle-nn's Linear broadcasts the weight over the
                 // batch, which runs one GEMM per sample and packs the weight again for each.
-                let dims = x.dims().to_vec();
-                let k = *dims.last().unwrap_or(&0);
                 let w = self.inner.weight();
-                let x2 = x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?;
-                let y = match self.inner.bias() {
-                    Some(b) => crate::ops::linear(&x2, w, b)?,
-                    None => x2.matmul(&w.t()?)?,
-                };
-                let mut shape = dims;
-                *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
-                y.reshape(shape)
+                on_rows(x, w.dim(0)?, |rows| match self.inner.bias() {
+                    Some(b) => crate::ops::linear(rows, w, b),
+                    None => rows.matmul(&w.t()?),
+                })
             }
         }
     }
+}
+
+/// `f` of x's rows as one (M, K) matrix, its (M, n) result shaped as x with `n` last.
+fn on_rows(x: &Tensor, n: usize, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let mut shape = x.dims().to_vec();
+    let k = *shape.last().unwrap_or(&0);
+    let rows = x.contiguous()?.reshape((x.elem_count() / k.max(1), k))?;
+    *shape.last_mut().expect("rank >= 1") = n;
+    f(&rows)?.reshape(shape)
 }
 
 /// `candle_nn::linear`, wrapped in [`Linear`].
